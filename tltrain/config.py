@@ -1,0 +1,276 @@
+"""The job spec: typed, validated, with defaults and a description per field.
+
+No torch or Ray import here, so a spec can be checked before anything heavy loads.
+Every setting the service has lives in one of these models; other modules read
+fields, never `dict.get(key, default)`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_STORE_DIR = "~/.tltrain"
+
+
+class SpecError(ValueError):
+    """A job spec (or a `--set` override) is invalid; the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+FreezeDepth = Union[int, Literal["all"]]
+
+
+class ModelSpec(_Section):
+    name: str = Field(description="timm model name, or torchvision:<name>")
+    weights: str | None = Field(
+        default=None,
+        description='source weights: local path | s3:// URI | "hub" (timm/torchvision download) | null (from scratch)',
+    )
+    weights_remap: bool = Field(
+        default=False,
+        description="load weights whose tensor names differ but whose shapes match in order (e.g. packaged "
+        "EfficientNet-Lite0 .pth into timm's tf_efficientnet_lite0)",
+    )
+    drop_rate: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout before the new head")
+
+
+class DataSpec(_Section):
+    train: str = Field(description="ImageFolder root (<class>/<image>): local path or s3:// URI")
+    val: str | None = Field(default=None, description="ImageFolder root for validation; or set val_fraction")
+    val_fraction: float | None = Field(
+        default=None, gt=0.0, lt=1.0, description="seeded per-class split of train used for validation when val is unset"
+    )
+    image_size: int | None = Field(
+        default=None, ge=16, le=1024, description="train/eval resolution; null = the model's pretrained config"
+    )
+    augment: Literal["none", "light", "randaugment"] = Field(
+        default="light", description="none = resize+crop; light = random-resized-crop + flip; randaugment = timm rand-m9"
+    )
+    loader_workers: int = Field(default=2, ge=0, description="DataLoader worker processes per Ray worker")
+    on_bad_image: Literal["error", "skip"] = Field(
+        default="error", description="an unreadable image: error = reject the job up front; skip = drop it with a counted warning"
+    )
+    max_images_per_class: int | None = Field(
+        default=None, ge=1, description="use at most this many training images per class (seeded); null = all"
+    )
+    cache_dir: str = Field(
+        default=f"{DEFAULT_STORE_DIR}/cache", description="local directory where s3:// datasets are downloaded once"
+    )
+
+
+class StrategySpec(_Section):
+    freeze_depth: FreezeDepth = Field(
+        default=0, description='first N layer groups frozen, counted from the stem; 0 = full fine-tune; "all" = feature extraction'
+    )
+    layer_decay: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="LR x decay^k for the group k steps below the top; null = one LR"
+    )
+    head_lr_mult: float = Field(default=1.0, gt=0.0, description="LR multiplier for the new classification head")
+    unfreeze: dict[int, FreezeDepth] = Field(
+        default_factory=dict, description="progressive unfreezing: {epoch: freeze_depth from that epoch on}"
+    )
+
+    @field_validator("freeze_depth")
+    @classmethod
+    def _non_negative(cls, v: FreezeDepth) -> FreezeDepth:
+        if isinstance(v, int) and v < 0:
+            raise ValueError('must be >= 0 (0 = full fine-tune) or "all"')
+        return v
+
+    @field_validator("unfreeze")
+    @classmethod
+    def _unfreeze_epochs(cls, v: dict[int, FreezeDepth]) -> dict[int, FreezeDepth]:
+        for epoch, depth in v.items():
+            if epoch < 0:
+                raise ValueError(f"epoch {epoch} must be >= 0")
+            if isinstance(depth, int) and depth < 0:
+                raise ValueError(f"depth for epoch {epoch} must be >= 0 or 'all'")
+        return dict(sorted(v.items()))
+
+
+class OptimSpec(_Section):
+    name: Literal["adamw", "sgd"] = Field(default="adamw", description="optimizer")
+    lr: float = Field(default=3e-4, gt=0.0, description="base LR (the top layer group; head gets x head_lr_mult)")
+    weight_decay: float = Field(default=0.05, ge=0.0, description="decoupled weight decay; never applied to norms and biases")
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas")
+
+
+class ScheduleSpec(_Section):
+    kind: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="decay after warmup")
+    warmup_epochs: float = Field(default=0.0, ge=0.0, description="linear warmup from 0, in epochs (fractions allowed)")
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0, description="final LR as a fraction of the base LR")
+
+
+class LoopSpec(_Section):
+    epochs: int = Field(default=10, ge=1, description="training epochs")
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        default="bf16", description="autocast dtype; fp16 adds a GradScaler; bf16 on CPU is slow on old CPUs"
+    )
+    grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step (DDP sync on the last only)")
+    clip_grad_norm: float | None = Field(default=None, gt=0.0, description="clip the global grad norm; null = off")
+    early_stop_patience: int | None = Field(
+        default=None, ge=1, description="stop after this many evals without improving storage.metric; null = off"
+    )
+    seed: int = Field(default=0, description="seed for init, split, shuffling and augmentation")
+    max_steps_per_epoch: int | None = Field(
+        default=None, ge=1, description="cap optimizer steps per epoch (quick runs); null = whole epoch"
+    )
+    channels_last: bool = Field(default=True, description="NHWC memory format on GPU (faster convs)")
+    compile: bool = Field(default=False, description="torch.compile the model (GPU)")
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
+
+
+class ScalingSpec(_Section):
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = Field(default=False, description="one GPU per worker, NCCL; false = CPU workers, gloo")
+    batch_size_per_worker: int = Field(default=32, ge=1, description="micro-batch size on each worker")
+    cpus_per_worker: float = Field(default=1.0, gt=0.0, description="CPUs reserved per worker (data loading)")
+    address: str | None = Field(
+        default=None, description="Ray cluster address; null = RAY_ADDRESS or a local Ray started on demand"
+    )
+
+
+class StorageSpec(_Section):
+    uri: str = Field(default=f"{DEFAULT_STORE_DIR}/runs", description="checkpoint root: local dir or s3://bucket/prefix")
+    keep: int = Field(default=2, ge=1, description="checkpoints kept: top-k by metric (the latest is kept too)")
+    metric: str = Field(default="val/acc", description="metric that ranks checkpoints and drives early stopping")
+    mode: Literal["max", "min"] = Field(default="max", description="whether larger metric is better")
+    max_failures: int = Field(default=2, ge=0, description="worker-group restarts from the latest checkpoint")
+
+
+class TrackingSpec(_Section):
+    enabled: bool = Field(default=True, description="log to MLflow")
+    uri: str | None = Field(
+        default=None, description="MLflow tracking URI; null = MLFLOW_TRACKING_URI or sqlite under ~/.tltrain"
+    )
+    experiment: str = Field(default="tltrain", description="MLflow experiment name")
+    registry_name: str | None = Field(default=None, description="register the best checkpoint under this model name")
+
+
+Distribution = dict[str, list[Any]]
+
+
+class SchedulerSpec(_Section):
+    kind: Literal["asha", "fifo"] = Field(default="asha", description="trial scheduler")
+    grace_epochs: int = Field(default=1, ge=1, description="ASHA: epochs every trial runs before it may be stopped")
+    reduction_factor: float = Field(default=3, gt=1, description="ASHA: keep 1/reduction_factor of trials per rung")
+
+
+class TuneSpec(_Section):
+    num_samples: int = Field(default=8, ge=1, description="trials to run")
+    metric: str = Field(default="val/acc", description="metric the search optimises")
+    mode: Literal["max", "min"] = Field(default="max", description="whether larger metric is better")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="early stopping of bad trials")
+    searcher: Literal["random", "optuna"] = Field(default="random", description="how trials are sampled")
+    seed: int = Field(default=0, description="searcher seed, so a search can be repeated")
+    max_concurrent_trials: int | None = Field(default=None, ge=1, description="cap on trials at once; null = as resources allow")
+    space: dict[str, Distribution] = Field(
+        default_factory=dict, description="dotted spec path -> {choice|randint|uniform|loguniform: [...]}"
+    )
+
+
+class JobSpec(_Section):
+    name: str = Field(description="run name; re-running the same name resumes it")
+    model: ModelSpec
+    data: DataSpec
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    loop: LoopSpec = Field(default_factory=LoopSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    tune: TuneSpec | None = Field(default=None, description="search settings, used by `tltrain tune`")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
+            raise ValueError("use letters, digits, '.', '_' or '-' (it names directories and MLflow runs)")
+        return v
+
+    @model_validator(mode="after")
+    def _val_source(self) -> "JobSpec":
+        if self.data.val is not None and self.data.val_fraction is not None:
+            raise ValueError("data: set either data.val or data.val_fraction, not both")
+        if self.data.val is None and self.data.val_fraction is None:
+            raise ValueError("data: set data.val (a folder) or data.val_fraction (e.g. 0.1)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec as plain JSON types (saved with checkpoints and logged as params)."""
+        return json.loads(self.model_dump_json())
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid job spec {source}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; check the spelling against `tltrain spec-fields`"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        else:
+            msg = e["msg"]
+        lines.append(f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise SpecError(f"--set {dotted}: '{k}' is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides; values are parsed as YAML (so 3e-4, true, null, [1,2] work)."""
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError(f"--set {item!r}: expected key.path=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def parse_spec(tree: dict[str, Any], source: str = "") -> JobSpec:
+    try:
+        return JobSpec.model_validate(tree)
+    except ValidationError as err:
+        raise SpecError(_format_validation_error(err, source)) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> JobSpec:
+    """Read a YAML job spec, apply `--set` overrides, validate. Raises SpecError naming the field."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"job spec {path}: file not found")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SpecError(f"job spec {path}: not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise SpecError(f"job spec {path}: the top level must be a mapping of sections")
+    apply_overrides(tree, overrides or [])
+    return parse_spec(tree, str(path))
+
+
+def expand_path(path: str) -> str:
+    """Expand ~ in local paths; URIs pass through unchanged."""
+    return path if "://" in path else str(Path(path).expanduser())
