@@ -75,6 +75,9 @@ class StrategySpec(_Section):
         default=None, gt=0.0, le=1.0, description="LR x decay^k for the group k steps below the top; null = one LR"
     )
     head_lr_mult: float = Field(default=1.0, gt=0.0, description="LR multiplier for the new classification head")
+    group_granularity: Literal["coarse", "fine"] = Field(
+        default="coarse", description="layer groups from timm's group_matcher: coarse = stages, fine = blocks"
+    )
     unfreeze: dict[int, FreezeDepth] = Field(
         default_factory=dict, description="progressive unfreezing: {epoch: freeze_depth from that epoch on}"
     )

@@ -1,0 +1,217 @@
+"""Ray Train: the worker function and the TorchTrainer around it.
+
+Ray stays in this module (and tune.py): the loop only sees torch.distributed and a `report`
+callable. Progress goes driver-side through a Train `UserCallback` (it runs in the controller actor)
+into a Ray queue that the driver thread drains, so progress lines and MLflow calls happen in the
+user's process, not inside an actor.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.callback import UserCallback
+from ray.util.queue import Empty, Queue
+
+from tltrain import storage
+from tltrain.checkpoint import CheckpointError, load_meta, load_model_state, load_train_state, verify_checkpoint
+from tltrain.config import JobSpec
+from tltrain.data import build_eval_loader, build_train_loader, build_transform, localize
+from tltrain.loop import Resume, train
+from tltrain.model import build_model, layer_groups
+from tltrain.preflight import TrainPlan, fetch_weights
+
+log = logging.getLogger(__name__)
+
+OnReport = Callable[[dict[str, Any], "str | None"], None]
+
+
+def _rebase(samples: list[list[Any]], driver_root: str, local_root: str) -> list[tuple[str, int]]:
+    """The driver's absolute paths, moved under this node's copy of the same dataset root."""
+    if driver_root == local_root:
+        return [(p, int(y)) for p, y in samples]
+    return [(str(Path(local_root) / Path(p).relative_to(driver_root)), int(y)) for p, y in samples]
+
+
+def _restore(model: torch.nn.Module) -> Resume | None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        verify_checkpoint(directory)
+        model.load_state_dict(load_model_state(directory))
+        return Resume(train_state=load_train_state(directory), meta=load_meta(directory))
+
+
+def worker_fn(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: build data and model, restore, hand over to `loop.train`."""
+    # Ray Train logs every report at INFO on every rank; the driver prints one line per epoch.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    spec = JobSpec.model_validate(config["spec"])
+    plan = TrainPlan(**config["plan"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(spec.loop.seed)
+
+    resuming = ray.train.get_checkpoint() is not None
+    # A restored run gets its weights from the checkpoint; the source file would be overwritten.
+    weights_file = None if resuming else fetch_weights(spec.model.weights, spec.data.cache_dir)
+    model_spec = spec.model.model_copy(update={"weights": None}) if resuming else spec.model
+    model = build_model(model_spec, len(plan.class_names), weights_file=weights_file)
+    groups = layer_groups(model, coarse=spec.strategy.group_granularity == "coarse")
+    resume = _restore(model)
+    model.to(device)
+
+    train_root = localize(spec.data.train, spec.data.cache_dir)
+    val_root = localize(spec.data.val, spec.data.cache_dir) if spec.data.val else train_root
+    train_samples = _rebase(plan.train, plan.train_root, train_root)
+    val_samples = _rebase(plan.val, plan.val_root, val_root)
+    batch = spec.scaling.batch_size_per_worker
+    train_loader = build_train_loader(
+        train_samples, build_transform(plan.data_config, True, spec.data.augment), batch, rank, world_size,
+        spec.loop.seed, spec.data.loader_workers,
+    )
+    val_loader = build_eval_loader(
+        val_samples, build_transform(plan.data_config, False), batch, rank, world_size, spec.data.loader_workers
+    )
+    meta: dict[str, Any] = {
+        "spec": spec.to_dict(),
+        "class_names": plan.class_names,
+        "model_name": spec.model.name,
+        "data_config": plan.data_config,
+        "source_weights_uri": plan.weights_uri,
+        "source_weights_sha256": plan.weights_sha256,
+        "dataset_fingerprint": plan.fingerprint,
+        "layer_groups": plan.layer_group_names,
+        "tltrain_version": _version(),
+    }
+
+    def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    train(
+        spec, model, groups, train_loader, val_loader,
+        device=device, num_classes=len(plan.class_names), report=report, meta=meta, resume=resume,
+    )
+
+
+def _version() -> str:
+    from tltrain import __version__
+
+    return __version__
+
+
+class _ForwardReports(UserCallback):
+    """Runs in the Train controller: forwards rank 0's metrics (+ checkpoint path) to the driver."""
+
+    def __init__(self, queue: Queue, storage_uri: str) -> None:
+        self.queue = queue
+        self.storage_uri = storage_uri
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        path = checkpoint.path if checkpoint is not None else None
+        self.queue.put((metrics[0], path))
+
+
+@dataclass
+class FitResult:
+    best_checkpoint_uri: str | None
+    best_metrics: dict[str, Any] | None
+    latest_metrics: dict[str, Any] | None
+    run_path: str
+    error: BaseException | None
+
+
+def checkpoint_uri(storage_uri: str, path: str) -> str:
+    """A checkpoint's URI from Ray's filesystem path (no scheme) and the spec's storage URI."""
+    return f"s3://{path}" if storage.is_s3(storage_uri) else path
+
+
+def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
+    if ray.is_initialized():
+        return
+    # address None: RAY_ADDRESS or a cluster started on this machine, else a new local Ray
+    # (Ray's own resolution). Worker logs reach the driver; Ray's INFO chatter does not.
+    ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=True)
+
+
+def build_trainer(spec: JobSpec, plan: TrainPlan, callbacks: list[Any], name: str | None = None) -> TorchTrainer:
+    filesystem, storage_path = storage.pyarrow_filesystem(spec.storage.uri)
+    if not storage.is_s3(spec.storage.uri):
+        Path(storage_path).mkdir(parents=True, exist_ok=True)
+    resources = {"CPU": spec.scaling.cpus_per_worker}
+    if spec.scaling.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        worker_fn,
+        train_loop_config={"spec": spec.to_dict(), "plan": plan.to_dict()},
+        scaling_config=ScalingConfig(
+            num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name or spec.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=spec.storage.keep,
+                checkpoint_score_attribute=spec.storage.metric,
+                checkpoint_score_order=spec.storage.mode,
+            ),
+            failure_config=FailureConfig(max_failures=spec.storage.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def fit(spec: JobSpec, plan: TrainPlan, on_report: OnReport) -> FitResult:
+    """Run the training job; `on_report(metrics, checkpoint_uri)` is called on the driver per epoch."""
+    ensure_ray(spec.scaling.address)
+    queue: Queue = Queue()
+    trainer = build_trainer(spec, plan, [_ForwardReports(queue, spec.storage.uri)])
+
+    def drain(block_s: float) -> None:
+        try:
+            metrics, path = queue.get(timeout=block_s) if block_s else queue.get_nowait()
+        except Empty:
+            return
+        on_report(metrics, checkpoint_uri(spec.storage.uri, path) if path else None)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(trainer.fit)
+        while not future.done():
+            drain(0.5)
+        while not queue.empty():
+            drain(0)
+        try:
+            result = future.result()
+            error = result.error
+        except Exception as err:  # TrainingFailedError: reported with the partial result below
+            result, error = None, err
+    queue.shutdown()
+    _, storage_path = storage.pyarrow_filesystem(spec.storage.uri)
+    run_path = f"{storage_path}/{spec.name}"
+    if result is None:
+        return FitResult(None, None, None, run_path, error)
+    best = result.get_best_checkpoint(spec.storage.metric, spec.storage.mode) if result.best_checkpoints else None
+    best_metrics = None
+    if best is not None:
+        best_metrics = next((m for c, m in result.best_checkpoints if c.path == best.path), None)
+    return FitResult(
+        best_checkpoint_uri=checkpoint_uri(spec.storage.uri, best.path) if best else None,
+        best_metrics=best_metrics,
+        latest_metrics=result.metrics,
+        run_path=run_path,
+        error=error,
+    )
