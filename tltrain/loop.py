@@ -166,7 +166,7 @@ def train(
     if steps_per_epoch < 1:
         raise ValueError(
             f"scaling.batch_size_per_worker x loop.grad_accum ({spec.scaling.batch_size_per_worker} x {lp.grad_accum}) "
-            f"needs more training images per worker than the {len(train_loader.dataset)} this worker has"
+            "needs more training images per worker than this worker has"
         )
 
     optimizer = build_optimizer(model, groups, spec.strategy, spec.optim, device)
@@ -191,8 +191,9 @@ def train(
             apply_freeze(model, groups, depth)
             ddp_model = _wrap(compiled, device, world_size)
             current_depth = depth
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # a new, seeded shuffle each epoch, the same on every rank
 
         ddp_model.train()
         set_frozen_norms_eval(model)

@@ -191,7 +191,7 @@ def layer_groups(model: nn.Module, coarse: bool = True) -> list[LayerGroup]:
     for names in raw:
         body = [n for n in names if n not in head]
         if body:
-            groups.append(LayerGroup(name=_group_label(body), param_names=body))
+            groups.append(LayerGroup(name="stem" if not groups else _group_label(body), param_names=body))
     groups.append(LayerGroup(name="head", param_names=[n for n, _ in model.named_parameters() if n in head]))
     return groups
 

@@ -99,7 +99,7 @@ def build_optimizer(
     fused = {"fused": True} if device.type == "cuda" else {}
     if optim.name == "adamw":
         return torch.optim.AdamW(param_groups, lr=optim.lr, betas=optim.betas, **fused)
-    return torch.optim.SGD(param_groups, lr=optim.lr, momentum=optim.momentum, nesterov=True, **fused)
+    return torch.optim.SGD(param_groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.momentum > 0, **fused)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: ScheduleSpec) -> float:

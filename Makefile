@@ -1,0 +1,28 @@
+# The two commands in the README: `make demo` and `make test`. Both set up everything they need.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast
+
+setup: $(STAMP)
+
+# torch/torchvision come from this machine's local wheel store (pip on Python 3.11);
+# Fashion-MNIST, the demo's dataset, is a Debian package.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import tltrain, torch, ray, timm, mlflow, moto"  # fail here, not later, if the install broke
+	test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist \
+	  || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/tltrain demo
+
+test: setup
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(PY) -m pytest -q
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(PY) -m pytest -q -m "not integration"

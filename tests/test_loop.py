@@ -1,0 +1,98 @@
+"""The loop's arithmetic: gradient accumulation and DDP give the same update as one big batch."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tltrain.config import parse_spec
+from tltrain.loop import train
+from tltrain.model import layer_groups
+
+GLOBAL_BATCH = 16
+
+
+def _spec(grad_accum: int):
+    # test_vit has LayerNorm only (BatchNorm statistics would differ between batch sizes).
+    return parse_spec({
+        "name": "t", "model": {"name": "test_vit"},
+        "data": {"train": "unused", "val_fraction": 0.2},
+        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
+        "strategy": {"layer_decay": 0.8},
+        "loop": {"epochs": 1, "precision": "fp32", "grad_accum": grad_accum, "max_steps_per_epoch": 1},
+        "tracking": {"enabled": False},
+    })
+
+
+def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", num_classes=4, img_size=32)
+
+
+class Batches(list):
+    pass
+
+
+def _run(model: torch.nn.Module, batches: list, grad_accum: int) -> dict[str, torch.Tensor]:
+    val = Batches([_data(1)])
+    train(_spec(grad_accum), model, layer_groups(model), Batches(batches), val, device=torch.device("cpu"),
+          num_classes=4, report=lambda m, c: None, meta={})
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_grad_accumulation_matches_one_big_batch() -> None:
+    x, y = _data()
+    big = _run(_model(), [(x, y)], grad_accum=1)
+    micro = 4
+    chunks = [(x[i:i + micro], y[i:i + micro]) for i in range(0, GLOBAL_BATCH, micro)]
+    accumulated = _run(_model(), chunks, grad_accum=GLOBAL_BATCH // micro)
+    start = _model().state_dict()
+    moved = [k for k in big if not torch.equal(big[k], start[k])]
+    assert moved, "the step changed nothing; the comparison would be vacuous"
+    for k in big:
+        torch.testing.assert_close(accumulated[k], big[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def _ddp_worker(rank: int, world: int, port: int, grad_accum: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        x, y = _data()
+        shard = GLOBAL_BATCH // world
+        xs, ys = x[rank * shard:(rank + 1) * shard], y[rank * shard:(rank + 1) * shard]
+        micro = shard // grad_accum
+        batches = [(xs[i:i + micro], ys[i:i + micro]) for i in range(0, shard, micro)]
+        state = _run(_model(), batches, grad_accum)
+        if rank == 0:
+            torch.save(state, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_two_ddp_workers_match_one_worker_with_the_global_batch(tmp_path, grad_accum: int) -> None:
+    x, y = _data()
+    single = _run(_model(), [(x, y)], grad_accum=1)
+    out = str(tmp_path / "rank0.pt")
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), grad_accum, out), nprocs=2, join=True, start_method="spawn")
+    distributed = torch.load(out, weights_only=True)
+    for k in single:
+        torch.testing.assert_close(distributed[k], single[k], rtol=1e-4, atol=1e-6, msg=k)
