@@ -26,7 +26,7 @@ def _write_spec(tmp_path: Path, train: str, val: str, bucket: str, epochs: int, 
         "optim": {"lr": 3.0e-3, "weight_decay": 0.01},
         "schedule": {"kind": "constant"},
         "loop": {"epochs": epochs, "precision": "fp32", "grad_accum": 1, "clip_grad_norm": 1.0, "seed": 0},
-        "scaling": {"num_workers": 2, "batch_size_per_worker": 8},
+        "scaling": {"num_workers": 2, "batch_size_per_worker": 8, "address": "local"},
         "storage": {"uri": f"{bucket}/runs", "keep": 2},
         "tracking": {"enabled": False},
     }

@@ -65,13 +65,12 @@ def describe_plan(spec: JobSpec, plan: TrainPlan, out: TextIO) -> None:
 def run_train(spec: JobSpec, out: TextIO = sys.stdout) -> dict[str, Any]:
     """Train one job end to end and return the summary (the `--json` object)."""
     from tltrain.ray_train import fit
-    from tltrain.tracking import open_tracker
 
     plan = build_plan(spec)
     describe_plan(spec, plan, out)
     progress = Progress(spec, out)
     history: list[dict[str, Any]] = []
-    with open_tracker(spec, run_name=spec.name) as tracker:
+    with _open_tracker(spec) as tracker:
         tracker.log_spec(spec.to_dict())
         tracker.set_tags(_lineage_tags(spec, plan))
 
@@ -97,6 +96,16 @@ def run_train(spec: JobSpec, out: TextIO = sys.stdout) -> dict[str, Any]:
             summary["registered_model"] = f"models:/{version.name}/{version.version}"
     _print_summary(summary, out)
     return summary
+
+
+def _open_tracker(spec: JobSpec) -> Any:
+    if not spec.tracking.enabled:
+        from tltrain.tracking_base import NullTracker
+
+        return NullTracker()
+    from tltrain.tracking import open_tracker
+
+    return open_tracker(spec, run_name=spec.name)
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:

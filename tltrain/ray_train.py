@@ -9,7 +9,9 @@ user's process, not inside an actor.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +26,15 @@ from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Empty, Queue
 
 from tltrain import storage
-from tltrain.checkpoint import CheckpointError, load_meta, load_model_state, load_train_state, verify_checkpoint
+from tltrain.checkpoint import (
+    MANIFEST_FILE,
+    META_FILE,
+    CheckpointError,
+    load_meta,
+    load_model_state,
+    load_train_state,
+    verify_checkpoint,
+)
 from tltrain.config import JobSpec
 from tltrain.data import build_eval_loader, build_train_loader, build_transform, localize
 from tltrain.loop import Resume, train
@@ -35,6 +45,8 @@ log = logging.getLogger(__name__)
 
 OnReport = Callable[[dict[str, Any], "str | None"], None]
 
+INVALID_CHECKPOINTS_KEY = "invalid_checkpoints"
+
 
 def _rebase(samples: list[list[Any]], driver_root: str, local_root: str) -> list[tuple[str, int]]:
     """The driver's absolute paths, moved under this node's copy of the same dataset root."""
@@ -43,20 +55,83 @@ def _rebase(samples: list[list[Any]], driver_root: str, local_root: str) -> list
     return [(str(Path(local_root) / Path(p).relative_to(driver_root)), int(y)) for p, y in samples]
 
 
-def _restore(model: torch.nn.Module) -> Resume | None:
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def restore_candidates(latest_uri: str) -> list[str]:
+    """The checkpoint to resume from, then the older ones of the same run, newest first.
+
+    Ray names checkpoint folders checkpoint_<YYYY-mm-dd_HH-MM-SS.ffffff>, so name order is time
+    order; only folders older than Ray's latest are fallbacks (a newer folder is an upload that
+    Ray never registered)."""
+    run_uri, _, latest_name = latest_uri.rstrip("/").rpartition("/")
+    names = {rel.split("/", 1)[0] for rel in storage.list_files(run_uri) if "/" in rel}
+    older = sorted((n for n in names if n.startswith(CHECKPOINT_PREFIX) and n < latest_name), reverse=True)
+    return [latest_uri] + [f"{run_uri}/{n}" for n in older]
+
+
+def _restore(model: torch.nn.Module, spec: JobSpec, rank: int) -> tuple[Resume | None, list[str]]:
+    """Load the latest complete checkpoint into `model`: Ray's latest if it verifies, else (with a
+    warning) the newest older one of the run that does. Returns (resume, checkpoints rejected)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        verify_checkpoint(directory)
-        model.load_state_dict(load_model_state(directory))
-        return Resume(train_state=load_train_state(directory), meta=load_meta(directory))
+        return None, []
+    rejected: list[str] = []
+    candidates = restore_candidates(checkpoint_uri(spec.storage.uri, checkpoint.path))
+    for uri in candidates:
+        with tempfile.TemporaryDirectory(prefix="tltrain-restore-") as directory:
+            try:
+                storage.download_tree(uri, directory)
+                verify_checkpoint(directory)
+                model_state = load_model_state(directory)
+                resume = Resume(train_state=load_train_state(directory), meta=load_meta(directory))
+            except CheckpointError as err:
+                rejected.append(uri)
+                if rank == 0:
+                    log.warning("%s; falling back to the previous checkpoint of the run", err)
+                continue
+            # A shape mismatch here is not damage but a changed spec under the same name: it
+            # propagates (an older checkpoint of the run would not fit either).
+            model.load_state_dict(model_state)
+        if rank == 0:
+            log.warning(
+                "resuming %s from %s (epoch %s, global_step %s)",
+                spec.name, uri, resume.meta["epoch"], resume.meta["global_step"],
+            )
+        return resume, rejected
+    raise CheckpointError(
+        f"no complete checkpoint to resume {spec.name} from ({len(candidates)} tried under "
+        f"{candidates[0].rpartition('/')[0]}); delete that folder to start over, or use a new name"
+    )
+
+
+def _upload_fn(spec: JobSpec) -> Callable[[ray.train.Checkpoint, str], ray.train.Checkpoint]:
+    """Ray's checkpoint_upload_fn: our upload instead of Ray's pyarrow copy, for two reasons.
+    MANIFEST.json goes up only after every other file, so a checkpoint in storage is complete or
+    has no manifest (never loaded); and each file is retried through storage outages for up to
+    storage.WRITE_RETRY_S (Ray retries its own copy 3 times within ~3 s, and only for some errors).
+    Rank 0 blocks here while the other ranks wait at their next collective, so training resumes
+    in step once the store is back."""
+
+    def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        ray_storage = ray.train.get_context().get_storage()
+        fs_path = ray_storage.build_checkpoint_path_from_name(dir_name)
+        storage.upload_tree(
+            checkpoint.path, checkpoint_uri(spec.storage.uri, fs_path),
+            last=[MANIFEST_FILE], retry_s=storage.WRITE_RETRY_S,
+        )
+        return ray.train.Checkpoint(path=fs_path, filesystem=ray_storage.storage_filesystem)
+
+    return upload
 
 
 def worker_fn(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build data and model, restore, hand over to `loop.train`."""
-    # Ray Train logs every report at INFO on every rank; the driver prints one line per epoch.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Ray Train logs every report (all metrics) at INFO on every rank, under a logger named by its
+    # file path; the driver already prints one line per epoch.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     spec = JobSpec.model_validate(config["spec"])
     plan = TrainPlan(**config["plan"])
     context = ray.train.get_context()
@@ -70,21 +145,33 @@ def worker_fn(config: dict[str, Any]) -> None:
     model_spec = spec.model.model_copy(update={"weights": None}) if resuming else spec.model
     model = build_model(model_spec, len(plan.class_names), weights_file=weights_file)
     groups = layer_groups(model, coarse=spec.strategy.group_granularity == "coarse")
-    resume = _restore(model)
+    resume, rejected = _restore(model, spec, rank)
     model.to(device)
 
-    train_root = localize(spec.data.train, spec.data.cache_dir)
-    val_root = localize(spec.data.val, spec.data.cache_dir) if spec.data.val else train_root
-    train_samples = _rebase(plan.train, plan.train_root, train_root)
-    val_samples = _rebase(plan.val, plan.val_root, val_root)
-    batch = spec.scaling.batch_size_per_worker
-    train_loader = build_train_loader(
-        train_samples, build_transform(plan.data_config, True, spec.data.augment), batch, rank, world_size,
-        spec.loop.seed, spec.data.loader_workers,
-    )
-    val_loader = build_eval_loader(
-        val_samples, build_transform(plan.data_config, False), batch, rank, world_size, spec.data.loader_workers
-    )
+    if spec.data.format == "shards":  # decoded once by `tltrain prepare`; crops on the device
+        from tltrain.gpu_data import build_shard_loaders
+
+        train_loader, val_loader = build_shard_loaders(spec, plan, rank, world_size, device)
+    else:
+        train_root = localize(spec.data.train, spec.data.cache_dir)
+        val_root = localize(spec.data.val, spec.data.cache_dir) if spec.data.val else train_root
+        train_samples = _rebase(plan.train, plan.train_root, train_root)
+        val_samples = _rebase(plan.val, plan.val_root, val_root)
+        batch = spec.scaling.batch_size_per_worker
+        if spec.data.decode == "nvjpeg":
+            from tltrain.gpu_data import build_nvjpeg_loaders
+
+            train_loader, val_loader = build_nvjpeg_loaders(
+                spec, plan, train_samples, val_samples, rank, world_size, device
+            )
+        else:
+            train_loader = build_train_loader(
+                train_samples, build_transform(plan.data_config, True, spec.data.augment), batch, rank, world_size,
+                spec.loop.seed, spec.data.loader_workers,
+            )
+            val_loader = build_eval_loader(
+                val_samples, build_transform(plan.data_config, False), batch, rank, world_size, spec.data.loader_workers
+            )
     meta: dict[str, Any] = {
         "spec": spec.to_dict(),
         "class_names": plan.class_names,
@@ -95,11 +182,15 @@ def worker_fn(config: dict[str, Any]) -> None:
         "dataset_fingerprint": plan.fingerprint,
         "layer_groups": plan.layer_group_names,
         "tltrain_version": _version(),
+        # Checkpoints found corrupt or incomplete on restore, carried forward in every later
+        # checkpoint so that `fit` never picks one of them as the best.
+        INVALID_CHECKPOINTS_KEY: sorted(set((resume.meta.get(INVALID_CHECKPOINTS_KEY, []) if resume else []) + rejected)),
     }
+    upload = _upload_fn(spec)
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=upload)
 
     train(
         spec, model, groups, train_loader, val_loader,
@@ -204,10 +295,7 @@ def fit(spec: JobSpec, plan: TrainPlan, on_report: OnReport) -> FitResult:
     run_path = f"{storage_path}/{spec.name}"
     if result is None:
         return FitResult(None, None, None, run_path, error)
-    best = result.get_best_checkpoint(spec.storage.metric, spec.storage.mode) if result.best_checkpoints else None
-    best_metrics = None
-    if best is not None:
-        best_metrics = next((m for c, m in result.best_checkpoints if c.path == best.path), None)
+    best, best_metrics = _best_valid_checkpoint(spec, result)
     return FitResult(
         best_checkpoint_uri=checkpoint_uri(spec.storage.uri, best.path) if best else None,
         best_metrics=best_metrics,
@@ -215,3 +303,32 @@ def fit(spec: JobSpec, plan: TrainPlan, on_report: OnReport) -> FitResult:
         run_path=run_path,
         error=error,
     )
+
+
+def _invalid_checkpoints(spec: JobSpec, latest: Any) -> set[str]:
+    """URIs that a restore of this run found corrupt or incomplete (recorded in the latest meta)."""
+    if latest is None:
+        return set()
+    with tempfile.TemporaryDirectory(prefix="tltrain-meta-") as directory:
+        local = f"{directory}/{META_FILE}"
+        try:
+            storage.download_file(f"{checkpoint_uri(spec.storage.uri, latest.path)}/{META_FILE}", local)
+            return set(json.loads(Path(local).read_text()).get(INVALID_CHECKPOINTS_KEY, []))
+        except Exception as err:  # a missing meta must not fail a finished run; just skip the filter
+            log.warning("could not read %s of the latest checkpoint: %s", META_FILE, err)
+            return set()
+
+
+def _best_valid_checkpoint(spec: JobSpec, result: Any) -> tuple[Any, dict[str, Any] | None]:
+    """Ray's best checkpoint by storage.metric, leaving out any that a restore rejected as corrupt
+    (Ray still ranks those: it cannot know that a file changed after the upload)."""
+    invalid = _invalid_checkpoints(spec, result.checkpoint) if result.best_checkpoints else set()
+    ranked = [
+        (c, m) for c, m in result.best_checkpoints
+        if isinstance(m.get(spec.storage.metric), (int, float))
+        and checkpoint_uri(spec.storage.uri, c.path) not in invalid
+    ]
+    if not ranked:
+        return None, None
+    pick = max if spec.storage.mode == "max" else min
+    return pick(ranked, key=lambda cm: cm[1][spec.storage.metric])
