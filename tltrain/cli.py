@@ -121,12 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("spec-fields", help="list every spec field with its default and meaning")
     p.set_defaults(func=cmd_spec_fields)
 
-    for module in ("tltrain.submit", "tltrain.cli_registry"):
-        try:
-            mod = __import__(module, fromlist=["add_commands"])
-        except ImportError:
-            continue
-        mod.add_commands(sub)
+    from tltrain import cli_registry, submit
+
+    submit.add_commands(sub)
+    cli_registry.add_commands(sub)
     return parser
 
 

@@ -1,0 +1,566 @@
+"""`tltrain submit` and `tltrain jobs ...`: run specs on a remote Ray cluster via the Job Submission API.
+
+A submission is staged as a small directory that becomes the job's runtime_env `working_dir`:
+
+    spec.yaml                 the resolved spec; local paths rewritten to the copies below
+    files/data.train -> ...   symlinks to the local files the spec names (Ray's packager follows them)
+
+so the cluster needs no shared disk: Ray zips the directory, stores it in the GCS and unpacks it on
+every node that runs a process of the job, and the job's processes start in it, which is why the
+rewritten paths are relative. s3:// URIs pass through. The staging directory is kept (it is only
+links) so the printed `ray job submit ...` line runs as is.
+
+Checkpoints: a multi-node cluster has no shared disk, so a local `storage.uri` is refused there
+(use s3://, or `--allow-local-storage` when the path is a shared mount on every node); on a
+single-node cluster it is allowed with a warning.
+
+Credentials: AWS_* and MLFLOW_* variables set here are passed to the job as runtime_env env_vars
+(names printed, never values). Variables that name local files (AWS_PROFILE, *_FILE, *_PATH,
+*_BUNDLE) mean nothing on the cluster and are not passed; nor is a local MLflow store URI. Ray
+shows a job's runtime_env in its dashboard: on a cluster with an instance role or IRSA, leave the
+keys unset here (or use --no-forward-env).
+
+Ray is imported lazily so a spec is validated, and refused, before anything heavy loads or any
+request is sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from tltrain.config import DEFAULT_STORE_DIR, JobSpec, SpecError, load_spec
+
+DEFAULT_ENTRYPOINT_NUM_CPUS = 0.5
+DEFAULT_STAGING_DIR = f"{DEFAULT_STORE_DIR}/submit"
+SPEC_FILE = "spec.yaml"
+FILES_DIR = "files"
+# Ray keeps a working_dir package in the GCS, bounded by its gRPC message size (512 MiB in 2.60).
+MAX_SHIPPED_BYTES = 500 * 1024 * 1024
+FORWARDED_ENV_PREFIXES = ("AWS_", "MLFLOW_")
+# Variables that point at files or profiles on this machine: meaningless on the cluster.
+_LOCAL_ONLY_ENV = {"AWS_PROFILE", "AWS_DEFAULT_PROFILE"}
+_LOCAL_ONLY_SUFFIXES = ("_FILE", "_PATH", "_BUNDLE", "_DIR")
+_LOCAL_TRACKING_SCHEMES = ("sqlite:", "file:")
+# Exit codes: 0 job succeeded (or submitted without --follow), 1 job failed / Ray unreachable,
+# 2 invalid spec or arguments (nothing sent), 3 job stopped.
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_STOPPED = 0, 1, 2, 3
+_POLL_S = 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Staging: the working_dir a job ships with
+
+
+@dataclass
+class Staged:
+    working_dir: Path
+    spec: JobSpec  # as the job will see it (relative paths)
+    shipped: dict[str, str] = field(default_factory=dict)  # spec field -> local source
+    shipped_bytes: int = 0
+
+
+def is_local_path(value: str | None) -> bool:
+    """A spec value naming a file on this machine (not null, "hub", or a URI like s3://)."""
+    return value is not None and value not in ("", "hub") and "://" not in value
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def local_files(spec: JobSpec) -> dict[str, Path]:
+    """The spec fields that name local files, resolved like `tltrain train` does (from the cwd)."""
+    found: dict[str, Path] = {}
+    for key, value, want_dir in (
+        ("data.train", spec.data.train, True),
+        ("data.val", spec.data.val, True),
+        ("model.weights", spec.model.weights, False),
+    ):
+        if value is None or not is_local_path(value):
+            continue
+        path = Path(value).expanduser().absolute()
+        if want_dir and not path.is_dir():
+            raise SpecError(f"{key}: {value!r} is not a local directory (or use an s3:// URI)")
+        if not want_dir and not path.is_file():
+            raise SpecError(f"{key}: {value!r} is not a local file (or use an s3:// URI, \"hub\" or null)")
+        found[key] = path
+    return found
+
+
+def stage(spec: JobSpec, staging_dir: Path) -> Staged:
+    """Write `spec.yaml` plus links to the spec's local files into `staging_dir` (created)."""
+    files = local_files(spec)
+    total = sum(_tree_bytes(p) for p in files.values())
+    if total > MAX_SHIPPED_BYTES:
+        names = ", ".join(files)
+        raise SpecError(
+            f"{names}: {total / 2**20:.0f} MiB of local files is more than a Ray working_dir carries "
+            f"({MAX_SHIPPED_BYTES / 2**20:.0f} MiB); upload them to s3:// and point the spec there"
+        )
+    staging_dir.mkdir(parents=True, exist_ok=False)
+    (staging_dir / FILES_DIR).mkdir()
+    tree = spec.to_dict()
+    shipped: dict[str, str] = {}
+    for key, source in files.items():
+        link = staging_dir / FILES_DIR / key
+        if source.is_file():  # keep the file name: loaders may look at its suffix
+            link.mkdir()
+            link = link / source.name
+        link.symlink_to(source, target_is_directory=source.is_dir())
+        section, name = key.split(".")
+        tree[section][name] = str(link.relative_to(staging_dir))
+        shipped[key] = str(source)
+    # The job's driver runs inside the cluster: Ray gives it RAY_ADDRESS; a submitter-side address
+    # in the spec would point it elsewhere.
+    tree["scaling"]["address"] = None
+    shipped_spec = JobSpec.model_validate(tree)
+    (staging_dir / SPEC_FILE).write_text(
+        "# staged by tltrain submit; local paths point into this working_dir\n"
+        + yaml.safe_dump(shipped_spec.to_dict(), sort_keys=False)
+    )
+    return Staged(staging_dir, shipped_spec, shipped, total)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the job gets: entrypoint, env, resources
+
+
+def forwarded_env(environ: dict[str, str] | os._Environ[str]) -> tuple[dict[str, str], list[str]]:
+    """(env_vars to pass, names skipped because they only make sense here). Never print values."""
+    passed: dict[str, str] = {}
+    skipped: list[str] = []
+    for name in sorted(environ):
+        if not name.startswith(FORWARDED_ENV_PREFIXES) or not environ[name]:
+            continue
+        value = environ[name]
+        local_only = name in _LOCAL_ONLY_ENV or name.endswith(_LOCAL_ONLY_SUFFIXES)
+        if name == "MLFLOW_TRACKING_URI" and (value.startswith(_LOCAL_TRACKING_SCHEMES) or "://" not in value):
+            local_only = True
+        if local_only:
+            skipped.append(name)
+        else:
+            passed[name] = value
+    return passed, skipped
+
+
+def entrypoint(tune: bool) -> str:
+    return f"tltrain {'tune' if tune else 'train'} {SPEC_FILE} --json"
+
+
+@dataclass
+class Submission:
+    entrypoint: str
+    working_dir: str
+    env_vars: dict[str, str]
+    entrypoint_num_cpus: float
+    metadata: dict[str, str]
+    address: str | None
+
+    def runtime_env(self) -> dict[str, Any]:
+        env: dict[str, Any] = {"working_dir": self.working_dir}
+        if self.env_vars:
+            env["env_vars"] = dict(self.env_vars)
+        return env
+
+    def ray_cli(self, wait: bool) -> str:
+        """The same job through Ray's own CLI. Env values appear as "$NAME" for the shell to fill in."""
+        parts = ["ray", "job", "submit"]
+        if self.address:
+            parts += ["--address", shlex.quote(self.address)]
+        parts += ["--working-dir", shlex.quote(self.working_dir)]
+        if self.env_vars:
+            inner = ", ".join(
+                f'\\"{name}\\": \\"{_shell_value(name, value)}\\"' for name, value in self.env_vars.items()
+            )
+            parts += ["--runtime-env-json", f'"{{\\"env_vars\\": {{{inner}}}}}"']
+        parts += ["--metadata-json", shlex.quote(json.dumps(self.metadata, sort_keys=True))]
+        parts += ["--entrypoint-num-cpus", _num(self.entrypoint_num_cpus), "--entrypoint-num-gpus", "0"]
+        if not wait:
+            parts.append("--no-wait")
+        return " ".join(parts + ["--", self.entrypoint])
+
+
+# Set on every job. Ray Train (and Tune) otherwise move each worker into a per-run directory under
+# the node's session dir, and the shipped spec's paths are relative to the working_dir.
+_JOB_ENV = {"RAY_CHDIR_TO_TRIAL_DIR": "0"}
+
+
+def _shell_value(name: str, value: str) -> str:
+    # Values we set ourselves (not secrets) are written out; everything else is left to the shell.
+    return value if _JOB_ENV.get(name) == value else f"${name}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Talking to the cluster
+
+
+def _client(address: str | None) -> Any:
+    """A JobSubmissionClient; address None = RAY_ADDRESS, else http://127.0.0.1:8265 (Ray's rules)."""
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def alive_node_count(address: str) -> int | None:
+    """Alive nodes in the cluster behind a dashboard address; None when it cannot be told."""
+    try:
+        from ray.util.state import list_nodes
+
+        nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)
+        return len(nodes)
+    except Exception:  # an older/odd dashboard: the caller warns instead of refusing
+        return None
+
+
+def check_storage(spec: JobSpec, address: str, allow_local: bool, err: TextIO) -> None:
+    """Refuse a local checkpoint root on a multi-node cluster (no shared disk is assumed)."""
+    uri = spec.storage.uri
+    if "://" in uri:
+        return
+    if not (uri.startswith("/") or uri.startswith("~")):
+        raise SpecError(
+            f"storage.uri: {uri!r} is relative; on the cluster it would land in the job's temporary "
+            f"working_dir. Use s3://bucket/prefix (or an absolute path on a shared mount)"
+        )
+    if allow_local:
+        print(f"warning: storage.uri {uri} must be a shared mount at the same path on every node", file=err)
+        return
+    nodes = alive_node_count(address)
+    if nodes is not None and nodes > 1:
+        raise SpecError(
+            f"storage.uri: {uri!r} is a local path but the cluster has {nodes} nodes and no shared disk is "
+            f"assumed: workers on other nodes could not save or restore checkpoints. Use s3://bucket/prefix "
+            f"(or --allow-local-storage if the path is a shared mount on every node)"
+        )
+    where = "a single-node cluster" if nodes == 1 else "a cluster whose size could not be read"
+    print(
+        f"warning: storage.uri {uri} is a local path on {where}: checkpoints stay on that node's disk, "
+        f"and a node added later (autoscaling) cannot reach them; prefer s3://",
+        file=err,
+    )
+
+
+def _dashboard_address(client: Any) -> str:
+    return str(getattr(client, "_address", "") or "")
+
+
+def wait_terminal(client: Any, job_id: str, timeout_s: float | None = None) -> Any:
+    """Poll until the job reaches a terminal status; returns the JobStatus (or the last seen)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        status = client.get_job_status(job_id)
+        if status.is_terminal() or (deadline is not None and time.monotonic() > deadline):
+            return status
+        time.sleep(_POLL_S)
+
+
+def follow_logs(client: Any, job_id: str, out: TextIO) -> Any:
+    """Stream the job's logs until it ends; returns its terminal JobStatus."""
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(tail())
+    except RuntimeError as exc:  # the stream closed early (dashboard restart): fall back to polling
+        print(f"\nwarning: log stream ended ({exc}); waiting for the job to finish", file=sys.stderr)
+    return wait_terminal(client, job_id)
+
+
+def exit_code(status: Any) -> int:
+    name = str(getattr(status, "value", status))
+    if name == "SUCCEEDED":
+        return EXIT_OK
+    if name == "STOPPED":
+        return EXIT_STOPPED
+    return EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
+    # 1. Everything that can be checked here is checked before a client is even built.
+    try:
+        spec = load_spec(args.spec, args.set)
+        local_files(spec)
+    except SpecError as exc:
+        print(f"error: {exc}\nnothing was submitted", file=err)
+        return EXIT_INVALID
+    if args.entrypoint_num_cpus < 0:
+        print("error: --entrypoint-num-cpus must be >= 0\nnothing was submitted", file=err)
+        return EXIT_INVALID
+
+    try:
+        client = _client(args.address)
+    except Exception as exc:  # ConnectionError, auth errors: say where we tried
+        print(f"error: cannot reach the Ray cluster ({args.address or 'RAY_ADDRESS / default'}): {exc}", file=err)
+        return EXIT_FAILED
+    address = _dashboard_address(client)
+
+    submission_id = args.submission_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    staging_root = Path(args.staging_dir).expanduser()
+    try:
+        check_storage(spec, address, args.allow_local_storage, err)
+        staged = stage(spec, staging_root / submission_id)
+    except SpecError as exc:
+        print(f"error: {exc}\nnothing was submitted", file=err)
+        return EXIT_INVALID
+
+    env_vars, skipped = forwarded_env(os.environ) if args.forward_env else ({}, [])
+    env_vars.update(_JOB_ENV)
+    sub = Submission(
+        entrypoint=entrypoint(args.tune),
+        working_dir=str(staged.working_dir),
+        env_vars=env_vars,
+        entrypoint_num_cpus=args.entrypoint_num_cpus,
+        metadata={"tltrain.name": spec.name, "tltrain.command": "tune" if args.tune else "train"},
+        address=args.address,
+    )
+    # 2. Send. The driver reserves a little CPU and never a GPU: GPUs are for the Train workers.
+    try:
+        job_id = client.submit_job(
+            entrypoint=sub.entrypoint,
+            submission_id=submission_id,
+            runtime_env=sub.runtime_env(),
+            metadata=sub.metadata,
+            entrypoint_num_cpus=sub.entrypoint_num_cpus,
+            entrypoint_num_gpus=0,
+        )
+    except Exception as exc:
+        print(f"error: submission to {address} failed: {exc}", file=err)
+        return EXIT_FAILED
+
+    quiet = args.json
+    report = err if quiet else out
+    print(f"submitted {job_id} to {address}", file=report)
+    print(f"  entrypoint: {sub.entrypoint}  (working_dir {staged.working_dir})", file=report)
+    for key, source in staged.shipped.items():
+        print(f"  shipped {key}: {source}", file=report)
+    if env_vars:
+        print(f"  env passed to the job: {', '.join(env_vars)}", file=report)
+    if skipped:
+        print(f"  env not passed (local to this machine): {', '.join(skipped)}", file=report)
+    print(f"  same with Ray's CLI: {sub.ray_cli(wait=args.follow)}", file=report)
+    if not args.follow:
+        print(f"  follow: tltrain jobs logs {job_id} --follow", file=report)
+    report.flush()
+
+    summary: dict[str, Any] = {
+        "submission_id": job_id,
+        "address": address,
+        "entrypoint": sub.entrypoint,
+        "working_dir": str(staged.working_dir),
+        "shipped": staged.shipped,
+        "env_vars": sorted(env_vars),
+        "ray_job_submit": sub.ray_cli(wait=args.follow),
+    }
+    code = EXIT_OK
+    if args.follow:
+        try:
+            status = follow_logs(client, job_id, out)
+        except KeyboardInterrupt:
+            print(f"\nstopped following; the job keeps running. Stop it with: tltrain jobs stop {job_id}", file=err)
+            return 130
+        summary["status"] = str(status.value)
+        print(f"job {job_id}: {status.value}", file=report)
+        code = exit_code(status)
+    if args.json:
+        print(json.dumps(summary), file=out, flush=True)
+    return code
+
+
+def _job_row(job: Any) -> dict[str, Any]:
+    return {
+        "submission_id": job.submission_id,
+        "job_id": job.job_id,
+        "status": str(job.status.value),
+        "entrypoint": job.entrypoint,
+        "message": job.message,
+        "start_time": job.start_time,
+        "end_time": job.end_time,
+        "metadata": job.metadata or {},
+    }
+
+
+def _fmt_ms(ms: int | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
+
+
+def _with_client(args: argparse.Namespace, err: TextIO) -> Any:
+    try:
+        return _client(args.address)
+    except Exception as exc:
+        print(f"error: cannot reach the Ray cluster ({args.address or 'RAY_ADDRESS / default'}): {exc}", file=err)
+        return None
+
+
+def cmd_jobs_list(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
+    client = _with_client(args, err)
+    if client is None:
+        return EXIT_FAILED
+    rows = sorted((_job_row(j) for j in client.list_jobs()), key=lambda r: r["start_time"] or 0)
+    if args.json:
+        print(json.dumps(rows), file=out)
+        return EXIT_OK
+    print(f"{'SUBMISSION ID':44} {'STATUS':10} {'STARTED':19}  ENTRYPOINT", file=out)
+    for r in rows:
+        print(f"{(r['submission_id'] or r['job_id'] or '-'):44} {r['status']:10} {_fmt_ms(r['start_time']):19}  "
+              f"{r['entrypoint']}", file=out)
+    return EXIT_OK
+
+
+def cmd_jobs_status(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
+    client = _with_client(args, err)
+    if client is None:
+        return EXIT_FAILED
+    try:
+        row = _job_row(client.get_job_info(args.job_id))
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(row), file=out)
+    else:
+        print(f"{args.job_id}: {row['status']}" + (f" ({row['message']})" if row["message"] else ""), file=out)
+        print(f"  started {_fmt_ms(row['start_time'])}, ended {_fmt_ms(row['end_time'])}", file=out)
+        print(f"  entrypoint: {row['entrypoint']}", file=out)
+    return EXIT_OK
+
+
+def cmd_jobs_logs(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
+    client = _with_client(args, err)
+    if client is None:
+        return EXIT_FAILED
+    try:
+        if args.follow:
+            return exit_code(follow_logs(client, args.job_id, out))
+        out.write(client.get_job_logs(args.job_id))
+        out.flush()
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_OK
+
+
+def cmd_jobs_stop(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
+    client = _with_client(args, err)
+    if client is None:
+        return EXIT_FAILED
+    try:
+        requested = client.stop_job(args.job_id)
+        if args.no_wait:
+            print(f"{args.job_id}: stop {'requested' if requested else 'not needed (already ended)'}", file=out)
+            return EXIT_OK
+        status = wait_terminal(client, args.job_id, timeout_s=args.timeout_s)
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=err)
+        return EXIT_FAILED
+    print(f"{args.job_id}: {status.value}", file=out)
+    if not status.is_terminal():
+        print(f"error: still {status.value} after {args.timeout_s:.0f}s", file=err)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)",
+    )
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register `submit` and `jobs` on the `tltrain` argparse subparsers."""
+    p = subparsers.add_parser(
+        "submit",
+        help="run a job spec on a Ray cluster through the Job Submission API",
+        description="Validate a job spec, ship it (and the local files it names) to a Ray cluster and "
+        "run `tltrain train` (or `tune`) there.",
+    )
+    p.add_argument("spec", help="job spec YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a spec field")
+    p.add_argument("--tune", action="store_true", help="run `tltrain tune` (the spec's tune: section) instead of train")
+    _address_arg(p)
+    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit with its status")
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
+    p.add_argument("--submission-id", default=None, help="job id to use (default: <name>-<time>-<random>)")
+    p.add_argument(
+        "--entrypoint-num-cpus",
+        type=float,
+        default=DEFAULT_ENTRYPOINT_NUM_CPUS,
+        help=f"CPUs reserved for the driver (default {DEFAULT_ENTRYPOINT_NUM_CPUS}); it never reserves a GPU",
+    )
+    p.add_argument(
+        "--allow-local-storage",
+        action="store_true",
+        help="accept a local storage.uri on a multi-node cluster (only for a shared mount on every node)",
+    )
+    p.add_argument(
+        "--no-forward-env",
+        dest="forward_env",
+        action="store_false",
+        help="do not pass AWS_*/MLFLOW_* variables to the job (the cluster has its own role/settings)",
+    )
+    p.add_argument(
+        "--staging-dir",
+        default=DEFAULT_STAGING_DIR,
+        help=f"where the job's working_dir is staged (default {DEFAULT_STAGING_DIR})",
+    )
+    p.set_defaults(func=cmd_submit)
+
+    jobs = subparsers.add_parser("jobs", help="list, inspect, follow and stop jobs on a Ray cluster")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+
+    q = jsub.add_parser("list", help="all jobs on the cluster")
+    _address_arg(q)
+    q.add_argument("--json", action="store_true", help="print the jobs as a JSON list")
+    q.set_defaults(func=cmd_jobs_list)
+
+    q = jsub.add_parser("status", help="a job's status")
+    q.add_argument("job_id", metavar="ID")
+    _address_arg(q)
+    q.add_argument("--json", action="store_true", help="print the job as one JSON object")
+    q.set_defaults(func=cmd_jobs_status)
+
+    q = jsub.add_parser("logs", help="a job's driver log (progress lines, the JSON summary)")
+    q.add_argument("job_id", metavar="ID")
+    _address_arg(q)
+    q.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status")
+    q.set_defaults(func=cmd_jobs_logs)
+
+    q = jsub.add_parser("stop", help="stop a job and wait until it has ended")
+    q.add_argument("job_id", metavar="ID")
+    _address_arg(q)
+    q.add_argument("--no-wait", action="store_true", help="return once the stop is requested")
+    q.add_argument("--timeout-s", type=float, default=120.0, help="how long to wait for the job to end")
+    q.set_defaults(func=cmd_jobs_stop)
