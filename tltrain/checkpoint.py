@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -65,19 +66,25 @@ def save_checkpoint(
     return d
 
 
-def verify_checkpoint(directory: str | Path) -> None:
-    """Raise CheckpointError unless every file in the manifest exists with its recorded sha256."""
+def verify_checkpoint(directory: str | Path, source: str | None = None) -> None:
+    """Raise CheckpointError unless every file in the manifest exists with its recorded sha256.
+    `source` names the checkpoint in messages when `directory` is a local copy (its URI)."""
     d = Path(directory)
+    name = source or str(d)
     manifest_path = d / MANIFEST_FILE
     if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {d} is incomplete: no {MANIFEST_FILE} (its upload did not finish)")
-    manifest = json.loads(manifest_path.read_text())
-    for name, expected in manifest["files"].items():
-        path = d / name
+        raise CheckpointError(f"checkpoint {name} is incomplete: no {MANIFEST_FILE} (its upload did not finish)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = dict(manifest["files"])
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {name} is corrupt: {MANIFEST_FILE} is not a valid manifest") from None
+    for fname, expected in files.items():
+        path = d / fname
         if not path.is_file():
-            raise CheckpointError(f"checkpoint {d} is incomplete: {name} is missing")
+            raise CheckpointError(f"checkpoint {name} is incomplete: {fname} is missing")
         if _sha256(path) != expected:
-            raise CheckpointError(f"checkpoint {d} is corrupt: {name} does not match its sha256")
+            raise CheckpointError(f"checkpoint {name} is corrupt: {fname} does not match its sha256")
 
 
 def is_valid_checkpoint(directory: str | Path) -> bool:
@@ -93,15 +100,34 @@ def load_meta(directory: str | Path) -> dict[str, Any]:
     return json.loads((Path(directory) / META_FILE).read_text())
 
 
-def load_model_state(directory: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(directory) / MODEL_FILE))
+def load_model_state(directory: str | Path, source: str | None = None) -> dict[str, torch.Tensor]:
+    """The weights, from safetensors (a format that holds tensors only: loading runs no code)."""
+    path = Path(directory) / MODEL_FILE
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for a damaged header
+        raise CheckpointError(
+            f"checkpoint {source or path.parent}: {MODEL_FILE} is not a valid safetensors file ({err})"
+        ) from None
 
 
-def load_train_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+def load_train_state(
+    directory: str | Path, map_location: str | torch.device = "cpu", source: str | None = None
+) -> dict[str, Any] | None:
+    """Optimizer/scheduler/scaler state. `weights_only=True`: tensors and plain containers only,
+    so a tampered file cannot run code when loaded; it is refused instead."""
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         return None
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's message advises weights_only=False, the one thing not to do; keep only its reason.
+        lines = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "Unsupported" in ln]
+        raise CheckpointError(
+            f"checkpoint {source or path.parent}: refused to load {STATE_FILE}: it holds Python objects other than "
+            f"tensors and plain containers ({lines[0] if lines else type(err).__name__})"
+        ) from None
 
 
 def checkpoint_sha256(directory: str | Path) -> str:

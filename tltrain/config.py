@@ -65,6 +65,28 @@ class DataSpec(_Section):
     cache_dir: str = Field(
         default=f"{DEFAULT_STORE_DIR}/cache", description="local directory where s3:// datasets are downloaded once"
     )
+    format: Literal["imagefolder", "shards"] = Field(
+        default="imagefolder",
+        description="imagefolder = decode + augment each image on CPU every epoch; shards = read the uint8 shards "
+        "of `tltrain prepare` (data.prepared), crop/flip/normalize on the worker's device",
+    )
+    prepared: str | None = Field(
+        default=None, description="URI (local dir or s3://) written by `tltrain prepare`; required by format: shards"
+    )
+    decode: Literal["cpu", "nvjpeg"] = Field(
+        default="cpu",
+        description="imagefolder only: nvjpeg = loader workers read file bytes, JPEGs decode and augment on the GPU",
+    )
+
+    @model_validator(mode="after")
+    def _device_data_path(self) -> "DataSpec":
+        if self.format == "shards" and self.prepared is None:
+            raise ValueError("data.format shards needs data.prepared (the URI given to `tltrain prepare --out`)")
+        if (self.format == "shards" or self.decode == "nvjpeg") and self.augment == "randaugment":
+            raise ValueError("data.augment randaugment runs on CPU only: use data.format imagefolder with data.decode cpu")
+        if self.format == "shards" and self.decode != "cpu":
+            raise ValueError("data.decode applies to data.format imagefolder (shards are already decoded)")
+        return self
 
 
 class StrategySpec(_Section):
@@ -130,6 +152,7 @@ class LoopSpec(_Section):
     )
     channels_last: bool = Field(default=True, description="NHWC memory format on GPU (faster convs)")
     compile: bool = Field(default=False, description="torch.compile the model (GPU)")
+    tf32: bool = Field(default=True, description="fp32 matmuls/convolutions on CUDA use TF32 tensor cores (Ampere and later)")
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
 
 
@@ -177,9 +200,24 @@ class TuneSpec(_Section):
     searcher: Literal["random", "optuna"] = Field(default="random", description="how trials are sampled")
     seed: int = Field(default=0, description="searcher seed, so a search can be repeated")
     max_concurrent_trials: int | None = Field(default=None, ge=1, description="cap on trials at once; null = as resources allow")
-    space: dict[str, Distribution] = Field(
-        default_factory=dict, description="dotted spec path -> {choice|randint|uniform|loguniform: [...]}"
+    space: dict[str, Distribution | Literal["auto"]] = Field(
+        default_factory=dict,
+        description="dotted spec path -> {choice: [a, b, ...]} | {randint: [low, high]} (integers, both ends "
+        "inclusive) | {uniform: [low, high]} | {loguniform: [low, high]} (0 < low) | auto (strategy.freeze_depth: "
+        "every depth 0..the model's layer groups)",
     )
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _distributions(cls, v: Any) -> Any:
+        # Shape only (kind, arity, bounds); which keys exist and what values they take is checked
+        # against the spec and the model by search_space.validate_space before a sweep starts.
+        from tltrain.search_space import parse_distribution
+
+        if isinstance(v, dict):
+            for key, raw in v.items():
+                parse_distribution(str(key), raw)
+        return v
 
 
 class JobSpec(_Section):

@@ -159,6 +159,11 @@ def train(
     channels_last = lp.channels_last and device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        # Fixed input shapes: cuDNN times its algorithms once and keeps the fastest.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = lp.tf32
+        torch.backends.cudnn.allow_tf32 = lp.tf32
 
     steps_per_epoch = len(train_loader) // lp.grad_accum
     if lp.max_steps_per_epoch is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,8 @@ def restore_candidates(latest_uri: str) -> list[str]:
     order; only folders older than Ray's latest are fallbacks (a newer folder is an upload that
     Ray never registered)."""
     run_uri, _, latest_name = latest_uri.rstrip("/").rpartition("/")
-    names = {rel.split("/", 1)[0] for rel in storage.list_files(run_uri) if "/" in rel}
+    listing = storage.with_retries(lambda: storage.list_files(run_uri), f"list {run_uri}", storage.OUTAGE_RETRY_S)
+    names = {rel.split("/", 1)[0] for rel in listing if "/" in rel}
     older = sorted((n for n in names if n.startswith(CHECKPOINT_PREFIX) and n < latest_name), reverse=True)
     return [latest_uri] + [f"{run_uri}/{n}" for n in older]
 
@@ -81,10 +83,12 @@ def _restore(model: torch.nn.Module, spec: JobSpec, rank: int) -> tuple[Resume |
     for uri in candidates:
         with tempfile.TemporaryDirectory(prefix="tltrain-restore-") as directory:
             try:
-                storage.download_tree(uri, directory)
-                verify_checkpoint(directory)
-                model_state = load_model_state(directory)
-                resume = Resume(train_state=load_train_state(directory), meta=load_meta(directory))
+                storage.with_retries(
+                    lambda: storage.download_tree(uri, directory), f"download {uri}", storage.OUTAGE_RETRY_S
+                )
+                verify_checkpoint(directory, source=uri)
+                model_state = load_model_state(directory, source=uri)
+                resume = Resume(train_state=load_train_state(directory, source=uri), meta=load_meta(directory))
             except CheckpointError as err:
                 rejected.append(uri)
                 if rank == 0:
@@ -109,7 +113,7 @@ def _upload_fn(spec: JobSpec) -> Callable[[ray.train.Checkpoint, str], ray.train
     """Ray's checkpoint_upload_fn: our upload instead of Ray's pyarrow copy, for two reasons.
     MANIFEST.json goes up only after every other file, so a checkpoint in storage is complete or
     has no manifest (never loaded); and each file is retried through storage outages for up to
-    storage.WRITE_RETRY_S (Ray retries its own copy 3 times within ~3 s, and only for some errors).
+    storage.OUTAGE_RETRY_S (Ray retries its own copy 3 times within ~3 s, and only for some errors).
     Rank 0 blocks here while the other ranks wait at their next collective, so training resumes
     in step once the store is back."""
 
@@ -118,7 +122,7 @@ def _upload_fn(spec: JobSpec) -> Callable[[ray.train.Checkpoint, str], ray.train
         fs_path = ray_storage.build_checkpoint_path_from_name(dir_name)
         storage.upload_tree(
             checkpoint.path, checkpoint_uri(spec.storage.uri, fs_path),
-            last=[MANIFEST_FILE], retry_s=storage.WRITE_RETRY_S,
+            last=[MANIFEST_FILE], retry_s=storage.OUTAGE_RETRY_S,
         )
         return ray.train.Checkpoint(path=fs_path, filesystem=ray_storage.storage_filesystem)
 
@@ -239,9 +243,14 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
 
 
 def build_trainer(spec: JobSpec, plan: TrainPlan, callbacks: list[Any], name: str | None = None) -> TorchTrainer:
-    filesystem, storage_path = storage.pyarrow_filesystem(spec.storage.uri)
+    # The retrying wrapper: Ray's controller writes its run snapshot right after each checkpoint,
+    # and a storage outage at that moment would otherwise fail the run with a ControllerError.
+    filesystem, storage_path = storage.pyarrow_filesystem(spec.storage.uri, retry_s=storage.OUTAGE_RETRY_S)
     if not storage.is_s3(spec.storage.uri):
         Path(storage_path).mkdir(parents=True, exist_ok=True)
+    # Ray Train moves workers into a per-run directory unless this is off; relative data and
+    # weights paths in a spec must resolve against the job's working directory, as on the driver.
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
     resources = {"CPU": spec.scaling.cpus_per_worker}
     if spec.scaling.use_gpu:
         resources["GPU"] = 1

@@ -10,23 +10,41 @@ except to hand them to pyarrow. Never log them.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence, TypeVar
 from urllib.parse import urlparse
 
 import boto3
 import botocore.loaders
 import botocore.session
+import pyarrow as pa
 import pyarrow.fs as pafs
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How long checkpoint I/O (upload; listing and download on restore) keeps retrying while the object
+# store is unreachable or answers 5xx: long enough to ride out an endpoint restart, a load-balancer
+# failover or a short network partition; bounded, so a store that is really gone fails the run
+# (which Ray then restarts from its last complete checkpoint) instead of hanging it.
+OUTAGE_RETRY_S = 180.0
+_RETRY_FIRST_DELAY_S = 0.5
+_RETRY_MAX_DELAY_S = 8.0
+_TRANSIENT_CODES = frozenset(
+    {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+     "Throttling", "ThrottlingException"}
+)
 
 # Enough threads to hide per-object latency on many small files (datasets of 20k+ images)
 # without opening more connections than one client's pool holds.
@@ -70,21 +88,30 @@ def _session() -> boto3.session.Session:
     return boto3.session.Session(botocore_session=core)
 
 
-def s3_client() -> Any:
-    """A boto3 S3 client; endpoint/region/credentials resolved by boto3 from its environment."""
-    return _session().client("s3", config=_CLIENT_CONFIG)
+def s3_client(max_attempts: int | None = None) -> Any:
+    """A boto3 S3 client; endpoint/region/credentials resolved by boto3 from its environment.
+    `max_attempts` overrides boto3's per-request retries (callers with their own retry loop)."""
+    config = _CLIENT_CONFIG
+    if max_attempts is not None:
+        config = config.merge(Config(retries={"mode": "standard", "max_attempts": max_attempts}))
+    return _session().client("s3", config=config)
 
 
 def _is_aws_endpoint(host: str) -> bool:
     return host == "amazonaws.com" or host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn")
 
 
-def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+def pyarrow_filesystem(uri: str, retry_s: float = 0.0) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path) for Ray's RunConfig(storage_path=path, storage_filesystem=fs).
 
     Ray wants "bucket/prefix" without the scheme once a filesystem is given. We build the
     S3FileSystem's endpoint from boto3's resolution so that pyarrow talks to the same endpoint as
     the rest of the service (pyarrow's own resolution ignores AWS_ENDPOINT_URL).
+
+    retry_s > 0 wraps an S3 filesystem so that every call Ray makes through it (its controller
+    writes the run snapshot after each checkpoint, deletes old checkpoints, reads state on resume)
+    rides out a storage outage like our own uploads do. pyarrow's `retry_strategy` cannot do this:
+    it is lost when Ray pickles the filesystem to its controller and workers.
     """
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(_local(uri))
@@ -98,7 +125,117 @@ def pyarrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         kwargs["scheme"] = endpoint.scheme or "https"
     # Credentials are NOT passed: Ray pickles this filesystem into its run/experiment state in
     # storage, and pyarrow's own AWS chain (env, profile, instance role) finds the same ones.
-    return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+    fs: pafs.FileSystem = pafs.S3FileSystem(**kwargs)
+    if retry_s > 0:
+        fs = pafs.PyFileSystem(RetryingFileSystem(fs, retry_s))
+    return fs, f"{bucket}/{key}".rstrip("/")
+
+
+class _BufferedUpload:
+    """A write stream that keeps the bytes and uploads them on close, so the whole object can be
+    written again if the store fails mid-way (Ray writes small state files this way)."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str, metadata: Any, retry_s: float) -> None:
+        self._fs, self._path, self._metadata, self._retry_s = fs, path, metadata, retry_s
+        self._buffer = io.BytesIO()
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        return self._buffer.write(bytes(data))
+
+    def tell(self) -> int:
+        return self._buffer.tell()
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        data = self._buffer.getvalue()
+
+        def put() -> None:
+            with self._fs.open_output_stream(self._path, metadata=self._metadata) as out:
+                out.write(data)
+
+        with_retries(put, f"write {self._path}", self._retry_s)
+        self.closed = True
+
+
+class RetryingFileSystem(pafs.FileSystemHandler):
+    """A pyarrow filesystem handler that retries transient failures of the wrapped filesystem for
+    up to retry_s seconds (see with_retries). Reads are whole-object (small state files; our own
+    checkpoint downloads go through boto3); writes are buffered and retried as a whole."""
+
+    def __init__(self, fs: pafs.FileSystem, retry_s: float) -> None:
+        self.fs, self.retry_s = fs, retry_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RetryingFileSystem, (self.fs, self.retry_s))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RetryingFileSystem) and self.fs.equals(other.fs) and self.retry_s == other.retry_s
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        return with_retries(fn, what, self.retry_s)
+
+    def get_type_name(self) -> str:
+        return f"retrying+{self.fs.type_name}"
+
+    def normalize_path(self, path: str) -> str:
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
+        return self._retry(f"stat {paths[:3]}", lambda: self.fs.get_file_info(paths))
+
+    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
+        return self._retry(f"list {selector.base_dir}", lambda: self.fs.get_file_info(selector))
+
+    def create_dir(self, path: str, recursive: bool) -> None:
+        self._retry(f"mkdir {path}", lambda: self.fs.create_dir(path, recursive=recursive))
+
+    def delete_dir(self, path: str) -> None:
+        self._retry(f"delete {path}", lambda: self.fs.delete_dir(path))
+
+    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
+        self._retry(f"delete {path}/*", lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
+
+    def delete_root_dir_contents(self) -> None:
+        raise OSError("refusing to delete the contents of the whole bucket")
+
+    def delete_file(self, path: str) -> None:
+        self._retry(f"delete {path}", lambda: self.fs.delete_file(path))
+
+    def move(self, src: str, dest: str) -> None:
+        self._retry(f"move {src}", lambda: self.fs.move(src, dest))
+
+    def copy_file(self, src: str, dest: str) -> None:
+        self._retry(f"copy {src}", lambda: self.fs.copy_file(src, dest))
+
+    def _read_all(self, path: str) -> bytes:
+        def read() -> bytes:
+            with self.fs.open_input_stream(path) as stream:
+                return stream.read()
+
+        return self._retry(f"read {path}", read)
+
+    def open_input_stream(self, path: str) -> Any:
+        return pa.BufferReader(self._read_all(path))
+
+    def open_input_file(self, path: str) -> Any:
+        return pa.BufferReader(self._read_all(path))
+
+    def open_output_stream(self, path: str, metadata: Any) -> Any:
+        return pa.PythonFile(_BufferedUpload(self.fs, path, metadata, self.retry_s), mode="w")
+
+    def open_append_stream(self, path: str, metadata: Any) -> Any:
+        raise OSError("append is not supported on object storage")
 
 
 def _publish(tmp: str, dst: Path) -> None:
@@ -206,20 +343,88 @@ def list_files(uri: str) -> list[str]:
     return sorted(_sizes(uri))
 
 
-def upload_tree(local_dir: str, uri: str) -> int:
-    """Upload every file under local_dir to uri/<relative path>; returns the number of files."""
+# How pyarrow's S3 filesystem (the AWS C++ SDK) words the same transient failures in its OSErrors.
+_PYARROW_TRANSIENT = (
+    "AWS Error NETWORK_CONNECTION", "AWS Error SERVICE_UNAVAILABLE", "AWS Error SLOW_DOWN",
+    "AWS Error INTERNAL_FAILURE", "AWS Error THROTTLING", "AWS Error REQUEST_TIMEOUT",
+)
+
+
+def _is_transient(err: BaseException) -> bool:
+    """A network failure or a 5xx/throttling answer (worth retrying), not a refusal (403, 404, ...).
+    s3transfer wraps the real error in S3UploadFailedError, so the whole chain is checked."""
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (BotoConnectionError, HTTPClientError)):
+            return True
+        if isinstance(e, OSError) and any(token in str(e) for token in _PYARROW_TRANSIENT):
+            return True
+        if isinstance(e, ClientError):
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return _error_code(e) in _TRANSIENT_CODES or int(status) >= 500
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def with_retries(fn: Callable[[], T], what: str, retry_s: float) -> T:
+    """Call fn, retrying transient storage failures with backoff for up to retry_s seconds.
+
+    boto3 already retries each request a few times; this outer loop is what rides out an endpoint
+    that is gone for longer (a restart, a failover). Each retry is logged (the message has the
+    endpoint and the error, never credentials)."""
+    started = time.monotonic()
+    delay = _RETRY_FIRST_DELAY_S
+    attempt = 1
+    while True:
+        try:
+            return fn()
+        except Exception as err:
+            waited = time.monotonic() - started
+            if not _is_transient(err) or waited + delay > retry_s:
+                if _is_transient(err) and retry_s > 0:
+                    log.error("%s: storage still unavailable after %.0fs and %d attempts: %s", what, waited, attempt, err)
+                raise
+            log.warning(
+                "%s: storage unavailable (%s: %s); retry %d in %.1fs (giving up after %.0fs)",
+                what, type(err).__name__, err, attempt, delay, retry_s,
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, _RETRY_MAX_DELAY_S)
+            attempt += 1
+
+
+def upload_tree(local_dir: str, uri: str, *, last: Sequence[str] = (), retry_s: float = 0.0) -> int:
+    """Upload every file under local_dir to uri/<relative path>; returns the number of files.
+
+    Files named in `last` (relative paths) are uploaded only after every other file is stored: a
+    reader that trusts a marker file (a checkpoint's MANIFEST.json) then never sees the marker
+    without the data. `retry_s` > 0 retries each file through storage outages (see with_retries).
+    """
     root = _local(local_dir)
-    files = sorted(_local_files(root))
+    everything = sorted(_local_files(root))
+    final = [rel for rel in last if rel in everything]
+    first = [rel for rel in everything if rel not in final]
     if not is_s3(uri):
         dst = _local(uri)
-        for rel in files:
+        for rel in first + final:
             _atomic_copy(root / rel, dst / rel)
-        return len(files)
+        return len(everything)
     bucket, prefix = split_s3(uri)
-    client = s3_client()
+    # With an outer retry loop, boto3's own retries are kept short so an outage shows up in our
+    # (logged) loop within seconds rather than hiding for a minute inside one request.
+    client = s3_client(max_attempts=3 if retry_s > 0 else None)
+
+    def put(rel: str) -> None:
+        key = _join_key(prefix, rel)
+        with_retries(lambda: _upload(client, root / rel, bucket, key), f"upload s3://{bucket}/{key}", retry_s)
+
     with ThreadPoolExecutor(_TRANSFER_THREADS) as pool:
-        list(pool.map(lambda rel: _upload(client, root / rel, bucket, _join_key(prefix, rel)), files))
-    return len(files)
+        list(pool.map(put, first))
+    for rel in final:
+        put(rel)
+    return len(everything)
 
 
 def download_tree(uri: str, local_dir: str) -> int:

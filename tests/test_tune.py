@@ -1,0 +1,400 @@
+"""`tltrain tune`: a real sweep on local Ray over S3 (moto), ASHA, best checkpoint, kill + resume,
+and validation before anything starts.
+
+Tiny model (timm test_resnet, 32 px, 4 steps per epoch) on real Fashion-MNIST images, so a trial
+is seconds; the cost is Ray's process start-up, which is why trials run 2 at a time on 2 CPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from tltrain.config import SpecError, parse_spec
+from tltrain.search_space import Dist, validate_space
+
+pytestmark = pytest.mark.integration
+
+EPOCHS = 4
+
+
+def _tree(fashion: tuple[str, str], storage_uri: str, name: str, space: dict[str, Any], **tune: Any) -> dict[str, Any]:
+    train, val = fashion
+    return {
+        "name": name,
+        "model": {"name": "test_resnet"},
+        "data": {"train": train, "val": val, "image_size": 32, "loader_workers": 0},
+        "optim": {"lr": 1.0e-3},
+        "loop": {"epochs": EPOCHS, "precision": "fp32", "max_steps_per_epoch": 6, "seed": 0},
+        "scaling": {"num_workers": 1, "batch_size_per_worker": 16},
+        "storage": {"uri": storage_uri, "keep": 1},
+        "tracking": {"enabled": False},
+        "tune": {
+            "num_samples": 6, "metric": "val/acc", "mode": "max", "searcher": "random", "seed": 0,
+            "scheduler": {"kind": "asha", "grace_epochs": 1, "reduction_factor": 2},
+            "space": space, **tune,
+        },
+    }  # fmt: skip
+
+
+SPACE = {
+    "strategy.freeze_depth": "auto",
+    "optim.lr": {"loguniform": [3.0e-4, 3.0e-2]},
+    "strategy.layer_decay": {"uniform": [0.5, 1.0]},
+}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server: str) -> Iterator[dict[str, str]]:
+    """A 2-CPU Ray cluster of our own (`ray start --head --block` in its own session), outliving
+    the drivers the tests kill. Its private RAY_TMPDIR holds its sessions and address file, so
+    Ray's own processes (Train's PlacementGroupCleaner finds "the" cluster by that file) never
+    mistake another cluster on this machine for it. Yields the env for drivers (RAY_ADDRESS set).
+    Torn down by signalling only the process group it started."""
+    tmp = tempfile.mkdtemp(prefix="tlr", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    port = _free_port()
+    env = {**os.environ, "RAY_TMPDIR": tmp, "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    ports = {
+        "--port": port, "--dashboard-port": _free_port(), "--dashboard-agent-listen-port": _free_port(),
+        "--ray-client-server-port": _free_port(), "--runtime-env-agent-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+    }  # fmt: skip
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "2",
+           "--include-dashboard", "true", "--disable-usage-stats",
+           *(str(x) for kv in ports.items() for x in kv)]  # fmt: skip
+    log = open(Path(tmp) / "ray-start.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    address_file = Path(tmp) / "ray" / "ray_current_cluster"  # where Ray looks, given RAY_TMPDIR
+    try:
+        deadline = time.monotonic() + 120
+        while not address_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start failed: {(Path(tmp) / 'ray-start.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        env["RAY_ADDRESS"] = address_file.read_text().strip()
+        yield env
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # --block stops the cluster it started on SIGTERM
+            proc.wait(timeout=60)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of that session is left
+        except ProcessLookupError:
+            pass
+        log.close()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_driver(ray_cluster: dict[str, str]) -> Iterator[None]:
+    """This test process as a driver of the test cluster."""
+    import ray
+
+    assert not ray.is_initialized()
+    ray.init(address=ray_cluster["RAY_ADDRESS"], logging_level="WARNING")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# --- validation: before any trial (and before Ray) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "space, key, message",
+    [
+        ({"optim.lrr": {"loguniform": [1e-4, 1e-2]}}, "optim.lrr", "not a spec field"),
+        ({"optimizer.lr": {"loguniform": [1e-4, 1e-2]}}, "optimizer.lr", "not a spec field"),
+        ({"optim.lr.x": {"choice": [1]}}, "optim.lr.x", "not a spec field"),
+        ({"optim": {"choice": [{}]}}, "optim", "is a section"),
+        ({"name": {"choice": ["a", "b"]}}, "name", "cannot be searched"),
+        ({}, "tune.space", "empty"),
+        ({"optim.lr": {"normal": [0, 1]}}, "optim.lr", "unknown distribution"),
+        ({"optim.lr": {"uniform": [1e-3]}}, "optim.lr", "exactly"),
+        ({"optim.lr": {"uniform": [1e-3, 1e-4]}}, "optim.lr", "low < high"),
+        ({"optim.lr": {"loguniform": [0.0, 1e-3]}}, "optim.lr", "0 < low"),
+        ({"optim.lr": {"choice": []}}, "optim.lr", "at least one"),
+        ({"optim.lr": {"randint": [0.5, 2]}}, "optim.lr", "integers"),
+        ({"optim.lr": {"uniform": [1e-4, 1e-2], "choice": [1]}}, "optim.lr", "one distribution"),
+        ({"optim.lr": "auto"}, "optim.lr", "only for strategy.freeze_depth"),
+        ({"strategy.layer_decay": {"uniform": [0.5, 1.5]}}, "strategy.layer_decay", "not a valid value"),
+        ({"strategy.freeze_depth": {"uniform": [0, 3]}}, "strategy.freeze_depth", "not a valid value"),
+        ({"strategy.freeze_depth": {"randint": [0, 6]}}, "strategy.freeze_depth", "beyond test_resnet's 5 layer groups"),
+        ({"strategy.freeze_depth": {"choice": [1, "all", 9]}}, "strategy.freeze_depth", "beyond"),
+        ({"strategy.unfreeze.2": {"randint": [0, 7]}}, "strategy.unfreeze.2", "beyond"),
+    ],
+)
+def test_bad_space_fails_before_any_trial(
+    fashion_folders: tuple[str, str], tmp_path: Path, space: dict[str, Any], key: str, message: str
+) -> None:
+    import ray
+
+    from tltrain.tune import run_tune
+
+    storage_uri = str(tmp_path / "runs")
+    with pytest.raises(SpecError) as info:
+        run_tune(parse_spec(_tree(fashion_folders, storage_uri, "bad", space)))
+    text = str(info.value)
+    assert key in text and message in text, text
+    assert not ray.is_initialized(), "Ray was started before the space was validated"
+    assert not (tmp_path / "runs" / "bad").exists(), "the sweep wrote to storage before validation"
+
+
+def test_auto_and_inclusive_randint(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
+    from tltrain.tune import _ray_domain
+
+    spec = parse_spec(_tree(fashion_folders, str(tmp_path), "s", {"strategy.freeze_depth": "auto", "optim.lr": {"randint": [1, 2]}}))
+    space = validate_space(spec, num_layer_groups=5)
+    assert space["strategy.freeze_depth"] == Dist("randint", (0, 5))
+    drawn = {_ray_domain(space["strategy.freeze_depth"]).sample() for _ in range(300)}
+    assert drawn == {0, 1, 2, 3, 4, 5}, "randint must include both ends"
+
+
+def test_no_tune_section(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
+    from tltrain.tune import run_tune
+
+    tree = _tree(fashion_folders, str(tmp_path), "n", SPACE)
+    del tree["tune"]
+    with pytest.raises(SpecError, match="tune"):
+        run_tune(parse_spec(tree))
+
+
+# --- a real sweep ------------------------------------------------------------------------------
+
+
+def _evaluate_checkpoint(checkpoint_uri: str, tmp: Path) -> tuple[float, dict[str, Any]]:
+    """Load a checkpoint from storage and evaluate it exactly as ray_train.worker_fn builds val."""
+    import torch
+
+    from tltrain import storage
+    from tltrain.checkpoint import load_meta, load_model_state, verify_checkpoint
+    from tltrain.config import JobSpec
+    from tltrain.data import build_eval_loader, build_transform
+    from tltrain.loop import evaluate
+    from tltrain.model import build_model
+    from tltrain.preflight import build_plan
+
+    local = tmp / "best"
+    storage.download_tree(checkpoint_uri, str(local))
+    verify_checkpoint(local)
+    meta = load_meta(local)
+    spec = JobSpec.model_validate(meta["spec"])
+    plan = build_plan(spec)
+    model = build_model(spec.model.model_copy(update={"weights": None}), len(plan.class_names))
+    model.load_state_dict(load_model_state(local))
+    loader = build_eval_loader(
+        plan.val, build_transform(plan.data_config, False), spec.scaling.batch_size_per_worker, 0, 1, 0
+    )
+    val = evaluate(model, loader, torch.device("cpu"), len(plan.class_names), spec.loop.precision, False)
+    return val["val/acc"], meta
+
+
+def test_sweep_asha_best_checkpoint_and_tracking(
+    fashion_folders: tuple[str, str], s3_bucket: str, tmp_path: Path, ray_driver: None
+) -> None:
+    from mlflow import MlflowClient
+
+    from tltrain import storage
+    from tltrain.tune import run_tune
+
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tree = _tree(fashion_folders, f"{s3_bucket}/sweeps", "sweep", SPACE)
+    tree["tracking"] = {"enabled": True, "uri": db, "experiment": "tune-test"}
+    spec = parse_spec(tree)
+    t0 = time.monotonic()
+    summary = run_tune(spec)
+    print(f"sweep took {time.monotonic() - t0:.0f}s")
+    json.dumps(summary)  # the --json object
+
+    trials = summary["trials"]
+    assert len(trials) == 6 and summary["num_trials"] == 6
+    assert all(t["status"] == "TERMINATED" for t in trials), trials
+    for key in ("metric", "best_metric", "best_checkpoint", "best_config", "cost_worker_s", "trials"):
+        assert key in summary
+    for t in trials:
+        assert set(t) >= {"trial_id", "config", "best_metric", "epochs", "stopped_early", "cost_worker_s", "pareto"}
+        assert set(t["config"]) == set(SPACE)
+        assert 0 <= t["config"]["strategy.freeze_depth"] <= 5
+        assert 1 <= t["epochs"] <= EPOCHS and t["cost_worker_s"] > 0
+    # ASHA stopped at least one trial before its last epoch.
+    stopped = [t for t in trials if t["stopped_by"] == "asha"]
+    assert stopped and all(t["epochs"] < EPOCHS and t["stopped_early"] for t in stopped), trials
+    assert any(t["epochs"] == EPOCHS for t in trials)
+    # Best is the max over trials, listed first; cost adds up; a pareto front exists.
+    assert summary["best_metric"] == max(t["best_metric"] for t in trials) == trials[0]["best_metric"]
+    assert summary["best_config"] == trials[0]["config"]
+    assert summary["cost_worker_s"] == pytest.approx(sum(t["cost_worker_s"] for t in trials))
+    assert trials[0]["pareto"]
+
+    # The best checkpoint exists in storage (keep=1 deleted the others), loads and reproduces the metric.
+    best_uri = summary["best_checkpoint"]
+    assert best_uri.startswith(f"{s3_bucket}/sweeps/sweep/runs/sweep-{summary['best_trial_id']}/checkpoint_")
+    acc, meta = _evaluate_checkpoint(best_uri, tmp_path)
+    assert acc == pytest.approx(summary["best_metric"], abs=1e-9)
+    assert meta["metrics"]["val/acc"] == pytest.approx(summary["best_metric"], abs=1e-9)
+    for key, value in summary["best_config"].items():
+        section, field = key.split(".")
+        assert meta["spec"][section][field] == pytest.approx(value)
+
+    # MLflow: a parent run for the sweep and one finished child per trial with per-epoch metrics.
+    client = MlflowClient(tracking_uri=db)
+    exp = client.get_experiment_by_name("tune-test")
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.data.metrics["best/val/acc"] == pytest.approx(summary["best_metric"])
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == sorted(f"sweep-{t['trial_id']}" for t in trials)
+    assert all(c.info.status == "FINISHED" for c in children)
+    by_name = {c.info.run_name: c for c in children}
+    for t in trials:
+        history = client.get_metric_history(by_name[f"sweep-{t['trial_id']}"].info.run_id, "val/acc")
+        assert sorted(m.step for m in history) == list(range(1, t["epochs"] + 1))
+
+    # Never overwrite: the same name again without --resume is refused before anything runs.
+    with pytest.raises(SpecError, match="--resume"):
+        run_tune(spec)
+    assert storage.exists(best_uri)
+
+
+# --- kill the driver, then --resume ------------------------------------------------------------
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _reap(pids: set[int], timeout_s: float = 60.0) -> set[int]:
+    """Wait for processes we started (a killed driver's Ray) to exit; SIGKILL stragglers by pid."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.5)
+    left = {p for p in pids if _alive(p)}
+    for p in left:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+def _cli(spec_path: Path, *extra: str, env: dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tltrain.cli", "tune", str(spec_path), "--json", *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+
+
+def test_kill_driver_then_resume(
+    fashion_folders: tuple[str, str], s3_bucket: str, tmp_path: Path, ray_cluster: dict[str, str]
+) -> None:
+    from tltrain import storage
+    from tltrain.config import load_spec
+    from tltrain.tune import sweep_paths
+
+    num_samples = 5
+    tree = _tree(fashion_folders, f"{s3_bucket}/sweeps", "killed", SPACE, num_samples=num_samples, seed=1)
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(tree))
+    paths = sweep_paths(load_spec(spec_path))
+    env = ray_cluster  # drivers attach to the test's cluster via RAY_ADDRESS; it outlives them
+    log_lines: list[str] = []
+
+    proc = _cli(spec_path, env=env)
+    done: list[str] = []
+    deadline = time.monotonic() + 400
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            log_lines.append(line)
+            if "] done:" in line:
+                done.append(line.split("]")[0].lstrip("["))
+            if len(done) >= 2 or time.monotonic() > deadline:
+                break
+        assert len(done) >= 2, "".join(log_lines)
+        children = _descendants(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert not _reap(children), "processes outlived the killed driver"
+    before_kill = "".join(log_lines)
+    assert len(done) < num_samples, before_kill
+
+    # Snapshot what the finished trials left in storage; --resume must not touch it.
+    before = {tid: storage.list_files(paths.run_uri(tid)) for tid in done}
+    records_before = {tid: storage.list_files(paths.done_uri(tid)) for tid in done}
+    assert all(any(f.startswith("checkpoint_") for f in files) for files in before.values()), before
+
+    # A plain re-run is refused (exit 2, before anything runs); --resume continues the same search.
+    refused = subprocess.run(
+        [sys.executable, "-m", "tltrain.cli", "tune", str(spec_path)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert refused.returncode == 2 and "--resume" in refused.stderr, refused.stderr
+
+    resumed = _cli(spec_path, "--resume", env=env)
+    out, _ = resumed.communicate(timeout=500)
+    assert resumed.returncode == 0, before_kill + "--- resume ---\n" + out
+    summary = json.loads(out.strip().splitlines()[-1])
+
+    trials = {t["trial_id"]: t for t in summary["trials"]}
+    assert len(trials) == num_samples, "".join(log_lines)
+    brief = {tid: (t["status"], t["epochs"], t["stopped_by"], t["error"]) for tid, t in trials.items()}
+    assert all(t["status"] == "TERMINATED" and t["epochs"] >= 1 for t in trials.values()), (brief, out[-5000:])
+    assert set(done) <= set(trials)
+    for tid in done:
+        assert storage.list_files(paths.run_uri(tid)) == before[tid], f"trial {tid} trained again after --resume"
+        assert storage.list_files(paths.done_uri(tid)) == records_before[tid]
+        assert f"[{tid}] epoch" not in out, f"trial {tid} trained again after --resume"
+    # Trials that had reported (so checkpointed) an epoch when the driver died continued from it.
+    for tid in set(trials) - set(done):
+        before_epochs = [int(x.split("epoch ")[1].split("/")[0]) for x in before_kill.splitlines() if x.startswith(f"[{tid}] epoch")]
+        after_epochs = [int(x.split("epoch ")[1].split("/")[0]) for x in out.splitlines() if x.startswith(f"[{tid}] epoch")]
+        if before_epochs and after_epochs:
+            assert min(after_epochs) > max(before_epochs), f"trial {tid} repeated epochs: {before_epochs} then {after_epochs}"
+    assert summary["best_metric"] == max(t["best_metric"] for t in trials.values())
+    assert storage.exists(summary["best_checkpoint"] + "/MANIFEST.json")

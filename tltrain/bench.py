@@ -1,0 +1,513 @@
+"""`tltrain bench`: how close tltrain gets to the bare PyTorch step, and where the rest goes.
+
+Three rates on the spec's model, precision, batch size and freeze depth, in one run:
+  1. bare   - the plain PyTorch step on synthetic data already on the device (as
+              ../shared/gpu/baseline.py: timm model, AdamW, autocast, channels_last on CUDA), in a
+              Ray task so it runs where a GPU is, without Ray Train;
+  2. ray    - tltrain's own `loop.train` inside a 1-worker Ray Train TorchTrainer, fed the same kind
+              of synthetic on-device batches;
+  3. e2e    - `ray_train.worker_fn` (what `tltrain train` runs) on the spec's real data path
+              (data.format / data.decode), loop.max_steps_per_epoch = steps.
+Stages 2 and 3 run two epochs of `steps` steps and report the second (the first pays for
+compilation, cuDNN autotuning and loader start-up). Also: MFU from FLOPs counted on one fwd+bwd step,
+peak memory, the data-wait fraction, and with freeze_depth > 0 the bare rate of a full fine-tune
+(frozen groups must show up as speed: they run no backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.callback import UserCallback
+from ray.util.queue import Empty, Queue
+from torch import nn
+
+from tltrain import storage
+from tltrain.config import JobSpec, SpecError, parse_spec
+from tltrain.loop import AUTOCAST_DTYPES, train
+from tltrain.model import build_model, layer_groups
+from tltrain.optim import apply_freeze, set_frozen_norms_eval
+from tltrain.preflight import build_plan
+from tltrain.ray_train import ensure_ray, worker_fn
+
+# Dense peak FLOP/s per GPU: (name fragment, bf16/fp16, tf32, fp32). First match wins.
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12, 378e12, 51e12),
+    ("H100", 989e12, 495e12, 67e12),
+    ("H200", 989e12, 495e12, 67e12),
+    ("H800", 989e12, 495e12, 67e12),
+    ("A100", 312e12, 156e12, 19.5e12),
+]
+
+
+def peak_flops(device_name: str, precision: str, tf32: bool) -> float | None:
+    """The device's dense peak for the step's math; None where unknown (CPUs, other GPUs)."""
+    for fragment, half, tf, fp32 in PEAK_FLOPS:
+        if fragment in device_name:
+            return half if precision in ("bf16", "fp16") else tf if tf32 else fp32
+    return None
+
+
+def _peak_mem(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "max_rss"  # Linux: KiB
+
+
+def _device(spec: JobSpec) -> torch.device:
+    if spec.scaling.use_gpu and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def train_flops_per_image(model: nn.Module, image_size: int, device: torch.device, dtype: torch.dtype | None,
+                          channels_last: bool) -> float:
+    """FLOPs of one forward + backward per image, counted (so frozen groups, which run no backward,
+    count only their forward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n = 2
+    x = torch.randn(n, 3, image_size, image_size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(n, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / n
+
+
+# --- 1. the bare step --------------------------------------------------------------------------------
+
+
+def bare_step_rate(spec: JobSpec, num_classes: int, image_size: int, depth: int, steps: int) -> dict[str, Any]:
+    """img/s of the plain PyTorch step at freeze depth `depth` (run where the device is)."""
+    lp = spec.loop
+    device = _device(spec)
+    cuda = device.type == "cuda"
+    if cuda:  # the flags loop.train sets
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = lp.tf32
+        torch.backends.cudnn.allow_tf32 = lp.tf32
+    dtype = AUTOCAST_DTYPES[lp.precision]
+    channels_last = lp.channels_last and cuda
+    torch.manual_seed(lp.seed)
+    model = build_model(spec.model.model_copy(update={"weights": None}), num_classes)
+    groups = layer_groups(model, coarse=spec.strategy.group_granularity == "coarse")
+    apply_freeze(model, groups, depth)
+    model.to(device).train()
+    set_frozen_norms_eval(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    flops = train_flops_per_image(model, image_size, device, dtype, channels_last)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=spec.optim.lr, **({"fused": True} if cuda else {}))
+    scaler = torch.amp.GradScaler(device.type, enabled=lp.precision == "fp16")
+    step_model = torch.compile(model) if lp.compile else model
+    batch, accum = spec.scaling.batch_size_per_worker, lp.grad_accum
+    xs = [torch.randn(batch, 3, image_size, image_size, device=device) for _ in range(accum)]
+    if channels_last:
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    ys = [torch.randint(0, num_classes, (batch,), device=device) for _ in range(accum)]
+
+    def step() -> None:
+        for x, y in zip(xs, ys):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = nn.functional.cross_entropy(step_model(x), y) / accum
+            scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for _ in range(max(3, steps // 3)):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    peak, peak_kind = _peak_mem(device)
+    out = {
+        "img_per_s": steps * batch * accum / seconds,
+        "flops_per_img": flops,
+        "peak_mem_bytes": peak,
+        "peak_mem_kind": peak_kind,
+        "warmup_s": warmup_s,
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "trainable_params": sum(p.numel() for p in params),
+    }
+    del model, step_model, opt, xs
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
+def _bare_task(spec_dict: dict[str, Any], num_classes: int, image_size: int, depths: list[int], steps: int) -> dict[int, Any]:
+    spec = JobSpec.model_validate(spec_dict)
+    return {d: bare_step_rate(spec, num_classes, image_size, d, steps) for d in depths}
+
+
+# --- 2. tltrain's step in Ray Train, synthetic data ---------------------------------------------------
+
+
+class SyntheticLoader:
+    """`n` micro-batches of one random batch already on the device: what loop.train iterates."""
+
+    def __init__(self, batch: int, image_size: int, num_classes: int, n: int, device: torch.device, channels_last: bool):
+        self.images = torch.randn(batch, 3, image_size, image_size, device=device)
+        if channels_last:
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
+        self.labels = torch.randint(0, num_classes, (batch,), device=device)
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        for _ in range(self.n):
+            yield self.images, self.labels
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str)) or v is None}
+
+
+def _synthetic_worker(config: dict[str, Any]) -> None:
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    spec = JobSpec.model_validate(config["spec"])
+    num_classes, image_size = config["num_classes"], config["image_size"]
+    device = ray.train.torch.get_device()
+    torch.manual_seed(spec.loop.seed)
+    model = build_model(spec.model.model_copy(update={"weights": None}), num_classes)
+    groups = layer_groups(model, coarse=spec.strategy.group_granularity == "coarse")
+    model.to(device)
+    channels_last = spec.loop.channels_last and device.type == "cuda"
+    batch, accum, steps = spec.scaling.batch_size_per_worker, spec.loop.grad_accum, spec.loop.max_steps_per_epoch
+    train_loader = SyntheticLoader(batch, image_size, num_classes, steps * accum, device, channels_last)
+    val_loader = SyntheticLoader(batch, image_size, num_classes, 1, device, channels_last)
+
+    def report(metrics: dict[str, Any], _checkpoint_dir: str | None) -> None:
+        peak, kind = _peak_mem(device)
+        ray.train.report({**_scalars(metrics), "bench/peak_mem_bytes": peak, "bench/peak_mem_kind": kind})
+
+    train(spec, model, groups, train_loader, val_loader, device=device, num_classes=num_classes, report=report, meta={})
+
+
+# --- 3. end to end: the real worker function on the real data ----------------------------------------
+
+
+def _e2e_worker(config: dict[str, Any]) -> None:
+    worker_fn(config)
+    device = ray.train.torch.get_device()
+    peak, kind = _peak_mem(device)
+    ray.train.report({"bench/peak_mem_bytes": peak, "bench/peak_mem_kind": kind})
+
+
+class _Collect(UserCallback):
+    """Runs in the Train controller: forwards every report of rank 0 to the driver."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.queue.put(metrics[0])
+
+
+def _fit(worker: Any, config: dict[str, Any], spec: JobSpec, name: str, storage_path: str, filesystem: Any) -> list[dict[str, Any]]:
+    """Run `worker` in a 1-worker TorchTrainer with the spec's per-worker resources; rank 0's reports."""
+    resources = {"CPU": spec.scaling.cpus_per_worker}
+    if spec.scaling.use_gpu:
+        resources["GPU"] = 1
+    queue: Queue = Queue()
+    trainer = TorchTrainer(
+        worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=spec.scaling.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=filesystem, callbacks=[_Collect(queue)],
+            failure_config=FailureConfig(max_failures=0), checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
+    )
+    result = trainer.fit()
+    reports = []
+    while True:
+        try:
+            reports.append(queue.get_nowait())
+        except Empty:
+            break
+    queue.shutdown()
+    if result.error is not None:
+        raise result.error
+    return reports
+
+
+def _epoch_and_peak(reports: list[dict[str, Any]]) -> tuple[dict[str, Any], int | None]:
+    epochs = [r for r in reports if "img_per_s" in r]
+    if not epochs:
+        raise RuntimeError(f"the bench run reported no epoch ({reports})")
+    peaks = [int(r["bench/peak_mem_bytes"]) for r in reports if "bench/peak_mem_bytes" in r]
+    return epochs[-1], max(peaks) if peaks else None
+
+
+def _bench_spec(spec: JobSpec, steps: int, name: str) -> JobSpec:
+    tree = spec.to_dict()
+    tree["name"] = name
+    tree["loop"].update(epochs=2, max_steps_per_epoch=steps, early_stop_patience=None)
+    tree["strategy"]["unfreeze"] = {}  # one freeze depth in both epochs
+    tree["scaling"]["num_workers"] = 1
+    tree["tracking"]["enabled"] = False
+    tree["storage"].update(keep=1, max_failures=0)
+    return parse_spec(tree, "(bench)")
+
+
+def _check_resources(spec: JobSpec) -> None:
+    """Fail now rather than wait forever for a GPU or CPUs the cluster does not have."""
+    have = ray.cluster_resources()
+    if spec.scaling.use_gpu and have.get("GPU", 0) < 1:
+        raise SpecError("scaling.use_gpu: true, but the Ray cluster has no GPU (set it false to bench on CPU)")
+    if have.get("CPU", 0) < spec.scaling.cpus_per_worker:
+        raise SpecError(f"scaling.cpus_per_worker: {spec.scaling.cpus_per_worker} CPUs asked, the Ray cluster has "
+                        f"{have.get('CPU', 0):.0f}")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+def run_bench(spec: JobSpec, steps: int = 20, out: TextIO | None = None) -> dict[str, Any]:
+    """Measure the three rates (see the module docstring) and return the summary (`--json`);
+    progress and the readable report go to `out` (default: stdout)."""
+    out = out or sys.stdout
+    if steps < 1:
+        raise ValueError("--steps must be >= 1")
+    name = f"{spec.name}-bench-{uuid.uuid4().hex[:8]}"
+    bspec = _bench_spec(spec, steps, name)
+    plan = build_plan(bspec)
+    num_classes, image_size = len(plan.class_names), int(plan.data_config["input_size"][-1])
+    freeze = bspec.strategy.freeze_depth
+    depth = plan.num_layer_groups if freeze == "all" else int(freeze)
+    ensure_ray(bspec.scaling.address)
+    _check_resources(bspec)
+
+    print(f"bench {spec.model.name}: {bspec.loop.precision}, batch {bspec.scaling.batch_size_per_worker}"
+          f"{' x accum ' + str(bspec.loop.grad_accum) if bspec.loop.grad_accum > 1 else ''}, {image_size}px, "
+          f"freeze_depth {depth}/{plan.num_layer_groups}, compile {'on' if bspec.loop.compile else 'off'}, "
+          f"data {bspec.data.format}{' + nvjpeg' if bspec.data.decode == 'nvjpeg' else ''} "
+          f"({bspec.data.loader_workers} loader workers), {'GPU' if bspec.scaling.use_gpu else 'CPU'}, {steps} steps",
+          file=out, flush=True)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    depths = [depth] + ([0] if depth > 0 else [])
+    task = ray.remote(num_cpus=bspec.scaling.cpus_per_worker, num_gpus=1 if bspec.scaling.use_gpu else 0, max_calls=1)(_bare_task)
+    bare_all = ray.get(task.remote(bspec.to_dict(), num_classes, image_size, depths, steps))
+    bare = bare_all[depth]
+    timings["bare_s"] = time.perf_counter() - t0
+    device = bare["device"]
+    print(f"  1 bare PyTorch step    {bare['img_per_s']:9.1f} img/s   ({device})", file=out, flush=True)
+
+    if storage.is_s3(spec.storage.uri):
+        filesystem, storage_path = storage.pyarrow_filesystem(f"{spec.storage.uri.rstrip('/')}/_bench")
+        local_dir = None
+    else:
+        filesystem, local_dir = None, tempfile.mkdtemp(prefix="tltrain-bench-")
+        storage_path = local_dir
+    try:
+        t0 = time.perf_counter()
+        config = {"spec": bspec.to_dict(), "num_classes": num_classes, "image_size": image_size}
+        ray_epoch, ray_peak = _epoch_and_peak(_fit(_synthetic_worker, config, bspec, f"{name}-ray", storage_path, filesystem))
+        timings["ray_s"] = time.perf_counter() - t0
+        print(f"  2 tltrain step in Ray  {ray_epoch['img_per_s']:9.1f} img/s   "
+              f"({_ratio(ray_epoch['img_per_s'], bare['img_per_s']):.3f}x bare)", file=out, flush=True)
+
+        t0 = time.perf_counter()
+        # Evaluation is not what is measured: one batch of val keeps each epoch's eval short.
+        e2e_plan = dataclasses.replace(plan, val=plan.val[: bspec.scaling.batch_size_per_worker])
+        e2e_epoch, e2e_peak = _epoch_and_peak(
+            _fit(_e2e_worker, {"spec": bspec.to_dict(), "plan": e2e_plan.to_dict()}, bspec, f"{name}-e2e", storage_path, filesystem)
+        )
+        timings["e2e_s"] = time.perf_counter() - t0
+    finally:
+        if local_dir is not None:
+            shutil.rmtree(local_dir, ignore_errors=True)
+
+    bare_ips, ray_ips, e2e_ips = bare["img_per_s"], ray_epoch["img_per_s"], e2e_epoch["img_per_s"]
+    peak = peak_flops(device, bspec.loop.precision, bspec.loop.tf32) if device != "cpu" else None
+    flops = bare["flops_per_img"]
+
+    def mfu(ips: float) -> float | None:
+        return ips * flops / peak if peak else None
+
+    wait = float(e2e_epoch["data_wait_frac"])
+    batch = bspec.scaling.batch_size_per_worker * bspec.loop.grad_accum
+    summary: dict[str, Any] = {
+        "model": spec.model.name,
+        "device": device,
+        "precision": bspec.loop.precision,
+        "batch_size": bspec.scaling.batch_size_per_worker,
+        "grad_accum": bspec.loop.grad_accum,
+        "image_size": image_size,
+        "channels_last": bspec.loop.channels_last and device != "cpu",
+        "compile": bspec.loop.compile,
+        "data_format": bspec.data.format,
+        "data_decode": bspec.data.decode,
+        "loader_workers": bspec.data.loader_workers,
+        "steps": steps,
+        "e2e_steps": round(e2e_epoch["img_per_s"] * e2e_epoch["epoch_time_s"] / batch),
+        "freeze_depth": depth,
+        "num_layer_groups": plan.num_layer_groups,
+        "bare_img_per_s": bare_ips,
+        "ray_img_per_s": ray_ips,
+        "e2e_img_per_s": e2e_ips,
+        "ratio_ray_vs_bare": _ratio(ray_ips, bare_ips),
+        "ratio_e2e_vs_ray": _ratio(e2e_ips, ray_ips),
+        "ratio_e2e_vs_bare": _ratio(e2e_ips, bare_ips),
+        "train_flops_per_img": flops,
+        "peak_flops": peak,
+        "mfu": mfu(e2e_ips),
+        "mfu_bare": mfu(bare_ips),
+        "mfu_ray": mfu(ray_ips),
+        "peak_mem_bytes": e2e_peak,
+        "peak_mem_bytes_bare": bare["peak_mem_bytes"],
+        "peak_mem_bytes_ray": ray_peak,
+        "peak_mem_kind": bare["peak_mem_kind"],
+        "data_wait_frac": wait,
+        "compute_frac": max(0.0, 1.0 - wait),
+        "ray_data_wait_frac": float(ray_epoch["data_wait_frac"]),
+        "bare_warmup_s": bare["warmup_s"],
+        "trainable_params": bare["trainable_params"],
+        "timings_s": timings,
+    }
+    if depth > 0:
+        full = bare_all[0]
+        summary.update(
+            bare_full_img_per_s=full["img_per_s"],
+            frozen_speedup=_ratio(bare_ips, full["img_per_s"]),
+            train_flops_per_img_full=full["flops_per_img"],
+            trainable_params_full=full["trainable_params"],
+        )
+    _print(summary, out)
+    return summary
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _print(s: dict[str, Any], out: TextIO) -> None:
+    mem = "peak GPU memory" if s["peak_mem_kind"].startswith("cuda") else "peak RSS"
+    print(f"  3 end to end           {s['e2e_img_per_s']:9.1f} img/s   ({s['ratio_e2e_vs_ray']:.3f}x Ray step, "
+          f"{s['ratio_e2e_vs_bare']:.3f}x bare; {s['e2e_steps']} steps)", file=out)
+    print(f"  where the time goes (end to end): data wait {_fmt_pct(s['data_wait_frac'])}, "
+          f"compute {_fmt_pct(s['compute_frac'])}", file=out)
+    peak = "unknown for this device" if s["peak_flops"] is None else f"{s['peak_flops'] / 1e12:.0f} TFLOP/s"
+    print(f"  MFU ({s['train_flops_per_img'] / 1e9:.2f} GFLOP/img fwd+bwd, peak {peak}): "
+          f"bare {_fmt_pct(s['mfu_bare'])}, Ray {_fmt_pct(s['mfu_ray'])}, end to end {_fmt_pct(s['mfu'])}", file=out)
+    print(f"  {mem}: bare {_fmt_bytes(s['peak_mem_bytes_bare'])}, Ray {_fmt_bytes(s['peak_mem_bytes_ray'])}, "
+          f"end to end {_fmt_bytes(s['peak_mem_bytes'])}", file=out)
+    if "bare_full_img_per_s" in s:
+        print(f"  frozen: freeze_depth {s['freeze_depth']} {s['bare_img_per_s']:.1f} img/s vs full fine-tune "
+              f"{s['bare_full_img_per_s']:.1f} img/s ({s['frozen_speedup']:.2f}x; fwd+bwd "
+              f"{s['train_flops_per_img'] / 1e9:.2f} vs {s['train_flops_per_img_full'] / 1e9:.2f} GFLOP/img)", file=out)
+    out.flush()
+
+
+# --- synthetic JPEGs for the GPU machine ---------------------------------------------------------------
+
+
+def _synthetic_jpeg(args: tuple[str, int, int, int, tuple[int, int], int]) -> None:
+    from PIL import Image, ImageDraw
+
+    path, index, label, classes, size, seed = args
+    rng = np.random.default_rng([seed, index])
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    freq = rng.uniform(0.005, 0.05, 3)
+    phase = rng.uniform(0, 2 * math.pi)
+    img = np.stack([127 + 100 * np.sin(xx * freq[c] + yy * freq[(c + 1) % 3] + phase) for c in range(3)], -1)
+    img += rng.normal(0, 10, img.shape)
+    im = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(im)
+    # The class decides the shapes' hue and kind, so a model can learn it; the rest is noise.
+    hue = np.array([np.cos(2 * math.pi * label / classes), np.sin(2 * math.pi * label / classes), 0.5])
+    for _ in range(int(rng.integers(4, 10))):
+        color = tuple(int(v) for v in np.clip(128 + 120 * hue + rng.normal(0, 25, 3), 0, 255))
+        x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
+        x1, y1 = x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2))
+        (draw.ellipse if (label + index) % 3 else draw.rectangle)((x0, y0, x1, y1), fill=color)
+    im.save(path, format="JPEG", quality=90)
+
+
+def make_synthetic_jpeg_folder(
+    out_dir: str, n: int, classes: int, size: tuple[int, int] = (500, 375), *, seed: int = 0, workers: int | None = None
+) -> str:
+    """An ImageFolder of `n` JPEGs (width x height `size`, ~100 KB each at quality 90) in `classes`
+    class folders: noise, gradients and shapes, so decoding costs what a photo's does. Returns out_dir."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    root = Path(out_dir)
+    jobs = []
+    for i in range(n):
+        label = i % classes
+        folder = root / f"class_{label:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs.append((str(folder / f"img_{i:06d}.jpg"), i, label, classes, tuple(size), seed))
+    workers = min(os.cpu_count() or 1, 16) if workers is None else workers
+    if workers <= 1:
+        for job in jobs:
+            _synthetic_jpeg(job)
+    else:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+            list(pool.map(_synthetic_jpeg, jobs, chunksize=32))
+    return str(root)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tltrain.bench", description="bench helpers")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("make-jpegs", help="write an ImageFolder of synthetic ~500x375 JPEGs")
+    p.add_argument("out_dir")
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
+    p.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    root = make_synthetic_jpeg_folder(args.out_dir, args.n, args.classes, tuple(args.size), workers=args.workers)
+    print(f"{args.n} JPEGs in {root} ({time.perf_counter() - t0:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""`tltrain prepare`: decode and resize every image once into a few large uint8 .npy shards.
+
+Training then reads these shards (`data.format: shards`, `data.prepared: <uri>`) and does its
+random crops on the GPU, so loader CPUs slice arrays instead of decoding JPEGs every epoch.
+
+Layout of a prepared directory (local or s3://; `index.json` is written last, so a directory
+without it is incomplete and never read):
+
+    train-00000.npy ...   uint8 [n, S, S, 3]: each image of data.train, shorter side resized to
+                          S = floor(image_size / crop_pct) by the CPU eval transform's own Resize,
+                          the centre square kept (see prepare_image)
+    val-00000.npy ...     the same for data.val (when the spec has a val folder)
+    index.json            format, version, geometry (input_size, crop_pct, crop_mode, interpolation),
+                          class_names, the dataset fingerprint, and per split: relative paths,
+                          labels, shard files, rows per shard
+
+Every image of each folder is stored (max_images_per_class and val_fraction are applied at training
+time by path), so one prepared copy serves any split, cap or seed of the same files; a change to
+the files, classes, model preprocessing or image_size is detected and asks for a re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from tltrain import storage
+from tltrain.config import JobSpec, SpecError, expand_path, load_spec
+from tltrain.data import (
+    DataError,
+    FolderIndex,
+    Sample,
+    _fingerprint,
+    build_transform,
+    load_rgb,
+    localize,
+    plan_dataset,
+    resolve_data_config,
+)
+from tltrain.gpu_data import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    center_offset,
+    geometry,
+    image_size_of,
+    read_index,
+    stored_size,
+)
+
+DEFAULT_SHARD_BYTES = 1 << 30
+
+def eval_resize(data_config: dict[str, Any]) -> Callable[[Any], Any]:
+    """The resize step of the CPU eval transform (timm's own object), applied by `tltrain prepare`."""
+    import torchvision.transforms as T
+
+    steps = build_transform(data_config, False).transforms
+    if not (isinstance(steps[0], T.Resize) and isinstance(steps[1], T.CenterCrop)):
+        raise DataError(
+            f"data.format shards supports the centre-crop and squash eval transforms; this model's is {steps[:2]} "
+            "(crop_mode border?): use data.format imagefolder"
+        )
+    return steps[0]
+
+
+def prepare_image(path: str, resize: Callable[[Any], Any], image_size: int, size: int) -> np.ndarray:
+    """Decode one image as the CPU path does, resize like its eval transform, keep the centre square.
+
+    The square's offset is chosen so that its own centre `image_size` crop is exactly the CPU eval
+    transform's centre crop of the whole resized image.
+    """
+    im = resize(load_rgb(path))
+    w, h = im.size
+    top = min(max(center_offset(h, image_size) - center_offset(size, image_size), 0), h - size)
+    left = min(max(center_offset(w, image_size) - center_offset(size, image_size), 0), w - size)
+    arr = np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    if arr.shape != (size, size, 3):
+        raise DataError(f"{path}: resized to {w}x{h}, smaller than the stored {size}x{size}")
+    return arr
+
+
+_worker_args: tuple[Callable[[Any], Any], int, int] | None = None
+
+
+def _init_worker(data_config: dict[str, Any]) -> None:
+    global _worker_args
+    _worker_args = (eval_resize(data_config), image_size_of(data_config), stored_size(data_config))
+
+
+def _prepare_path(path: str) -> np.ndarray:
+    assert _worker_args is not None
+    return prepare_image(path, *_worker_args)
+
+
+def _folder_samples(spec: JobSpec) -> tuple[Any, dict[str, tuple[str, list[Sample]]]]:
+    """The dataset plan (uncapped) and, per split, (folder root, every image of that folder)."""
+    data = spec.data.model_copy(update={"max_images_per_class": None})
+    plan = plan_dataset(data, spec.loop.seed)
+    train_root = localize(spec.data.train, spec.data.cache_dir)
+    splits: dict[str, tuple[str, list[Sample]]] = {}
+    if spec.data.val is not None:
+        splits["train"] = (train_root, sorted(plan.train, key=lambda s: (s[1], s[0])))
+        splits["val"] = (localize(spec.data.val, spec.data.cache_dir), sorted(plan.val, key=lambda s: (s[1], s[0])))
+    else:  # val_fraction: both halves live in the train folder
+        splits["train"] = (train_root, sorted(plan.train + plan.val, key=lambda s: (s[1], s[0])))
+    return plan, splits
+
+
+def _fingerprints(plan: Any, splits: dict[str, tuple[str, list[Sample]]]) -> list[str]:
+    """Dataset fingerprints (data._fingerprint) this directory serves: the train folder alone (a spec
+    with val_fraction) and, when prepared with a val folder, train + val."""
+    root, samples = splits["train"]
+    alone = _fingerprint({"train": FolderIndex(root, plan.class_names, samples)}, plan.class_names)["sha256"]
+    return sorted({alone, plan.fingerprint["sha256"]})
+
+
+def _data_config(spec: JobSpec, num_classes: int) -> dict[str, Any]:
+    from tltrain.model import build_model
+
+    # Preprocessing only depends on the architecture, not on the weights.
+    model = build_model(spec.model.model_copy(update={"weights": None}), num_classes)
+    return resolve_data_config(model, spec.data.image_size)
+
+
+def _write_split(
+    name: str, samples: Sequence[Sample], data_config: dict[str, Any], out_dir: Path, shard_bytes: int,
+    workers: int, log: Callable[[str], None],
+) -> dict[str, Any]:
+    size = stored_size(data_config)
+    per_shard = max(1, shard_bytes // (size * size * 3))
+    paths = [p for p, _ in samples]
+    shards = []
+    for k, start in enumerate(range(0, len(paths), per_shard)):
+        count = min(per_shard, len(paths) - start)
+        fname = f"{name}-{k:05d}.npy"
+        shards.append({"file": fname, "count": count})
+        np.lib.format.open_memmap(out_dir / fname, mode="w+", dtype=np.uint8, shape=(count, size, size, 3)).flush()
+
+    def results() -> Any:
+        if workers <= 0:
+            _init_worker(data_config)
+            yield from map(_prepare_path, paths)
+            return
+        # forkserver: no fork of a process that may hold threads (Ray, loaders). An executor, not a
+        # Pool: a worker that dies fails the command instead of being replaced forever.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
+                                 initializer=_init_worker, initargs=(data_config,)) as pool:
+            yield from pool.map(_prepare_path, paths, chunksize=16)
+
+    current: np.memmap | None = None
+    t0 = time.perf_counter()
+    for i, arr in enumerate(results()):
+        shard, row = divmod(i, per_shard)
+        if row == 0:
+            if current is not None:
+                current.flush()
+                del current
+            current = np.load(out_dir / shards[shard]["file"], mmap_mode="r+")
+        current[row] = arr
+        if (i + 1) % 5000 == 0:
+            log(f"  {name}: {i + 1}/{len(paths)} images ({(i + 1) / (time.perf_counter() - t0):.0f} img/s)")
+    if current is not None:
+        current.flush()
+        del current
+    return {"count": len(paths), "per_shard": per_shard, "shards": shards}
+
+
+def prepare(
+    spec: JobSpec,
+    out_uri: str,
+    *,
+    workers: int | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Write the shards of spec.data (train, and val when it is a folder) to out_uri. Returns a summary.
+
+    `workers`: decoding processes (None = all CPUs, 0 = in this process). An up-to-date directory
+    (same files, classes and geometry) is left alone unless `force`.
+    """
+    t_start = time.perf_counter()
+    try:
+        plan, splits = _folder_samples(spec)
+    except DataError as err:
+        raise SpecError(str(err)) from None
+    data_config = _data_config(spec, len(plan.class_names))
+    image_size_of(data_config)
+    eval_resize(data_config)  # fails early for eval transforms shards cannot reproduce
+    geo = geometry(data_config)
+    size = stored_size(data_config)
+    if workers is None:
+        workers = os.cpu_count() or 1
+
+    is_s3 = storage.is_s3(out_uri)
+    out_local = None if is_s3 else Path(expand_path(out_uri))
+    if not force:
+        existing = _existing_index(out_uri, spec.data.cache_dir)
+        if existing and plan.fingerprint["sha256"] in existing["fingerprints"] \
+                and existing["geometry"] == geo and existing["class_names"] == plan.class_names:
+            log(f"{out_uri}: up to date ({existing['stored_size']}px, {sum(s['count'] for s in existing['splits'].values())} images)")
+            return _summary(out_uri, existing, time.perf_counter() - t_start, written=False)
+
+    staging = Path(tempfile.mkdtemp(prefix="tltrain-prepare-")) if is_s3 else out_local
+    assert staging is not None
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / INDEX_FILE).unlink(missing_ok=True)  # incomplete until the new index is written
+    log(f"preparing {sum(len(s) for _, s in splits.values())} images of {spec.data.train} "
+        f"at {size}x{size} (image_size {image_size_of(data_config)}, crop_pct {data_config['crop_pct']}) "
+        f"with {workers or 1} process(es) -> {out_uri}")
+    index: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "geometry": geo,
+        "stored_size": size,
+        "data_config": data_config,
+        "class_names": plan.class_names,
+        "fingerprint": plan.fingerprint,
+        "fingerprints": _fingerprints(plan, splits),
+        "source": {"train": spec.data.train, "val": spec.data.val, "model": spec.model.name},
+        "splits": {},
+    }
+    try:
+        for name, (root, samples) in splits.items():
+            part = _write_split(name, samples, data_config, staging, shard_bytes, workers, log)
+            part["paths"] = [Path(os.path.relpath(p, root)).as_posix() for p, _ in samples]
+            part["labels"] = [int(y) for _, y in samples]
+            index["splits"][name] = part
+        # Remove shards of an earlier, larger preparation that this index no longer names.
+        named = {s["file"] for part in index["splits"].values() for s in part["shards"]}
+        for stale in staging.glob("*-[0-9][0-9][0-9][0-9][0-9].npy"):
+            if stale.name not in named:
+                stale.unlink()
+        body = json.dumps(index).encode()
+        if is_s3:
+            storage.upload_tree(str(staging), out_uri)
+            index_tmp = staging.parent / f"{staging.name}-{INDEX_FILE}"
+            index_tmp.write_bytes(body)
+            storage.upload_file(str(index_tmp), f"{out_uri.rstrip('/')}/{INDEX_FILE}")
+            index_tmp.unlink()
+        else:
+            tmp = staging / f"{INDEX_FILE}.tmp"
+            tmp.write_bytes(body)
+            os.replace(tmp, staging / INDEX_FILE)
+    finally:
+        if is_s3:
+            shutil.rmtree(staging, ignore_errors=True)
+    summary = _summary(out_uri, index, time.perf_counter() - t_start, written=True)
+    log(f"done: {summary['images']} images, {summary['bytes'] / 2**30:.2f} GiB in {summary['shards']} shard(s), "
+        f"{summary['seconds']:.0f}s ({summary['img_per_s']:.0f} img/s)")
+    return summary
+
+
+def _existing_index(out_uri: str, cache_dir: str) -> dict[str, Any] | None:
+    if storage.is_s3(out_uri):
+        uri = f"{out_uri.rstrip('/')}/{INDEX_FILE}"
+        if not storage.exists(uri):
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            storage.download_file(uri, os.path.join(tmp, INDEX_FILE))
+            try:
+                return read_index(tmp)
+            except DataError:
+                return None
+    root = expand_path(out_uri)
+    if not (Path(root) / INDEX_FILE).is_file():
+        return None
+    try:
+        return read_index(root)
+    except (DataError, json.JSONDecodeError):
+        return None
+
+
+def _summary(out_uri: str, index: dict[str, Any], seconds: float, written: bool) -> dict[str, Any]:
+    size = index["stored_size"]
+    images = sum(p["count"] for p in index["splits"].values())
+    return {
+        "prepared": out_uri,
+        "written": written,
+        "stored_size": size,
+        "images": images,
+        "splits": {k: p["count"] for k, p in index["splits"].items()},
+        "shards": sum(len(p["shards"]) for p in index["splits"].values()),
+        "bytes": images * size * size * 3,
+        "seconds": seconds,
+        "img_per_s": images / max(seconds, 1e-9) if written else None,
+    }
+
+
+# --- command line --------------------------------------------------------------------------------
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.set)
+    out = args.out or spec.data.prepared
+    if not out:
+        raise SpecError("tltrain prepare: give --out URI (or set data.prepared in the spec)")
+    summary = prepare(spec, out, workers=args.workers, shard_bytes=int(args.shard_mb * 2**20), force=args.force,
+                      log=lambda msg: print(msg, file=sys.stderr if args.json else sys.stdout, flush=True))
+    if args.json:
+        print(json.dumps(summary), flush=True)
+    return 0
+
+
+def add_commands(sub: Any) -> None:
+    """Register `tltrain prepare` on the CLI's subparsers (cli.build_parser calls this)."""
+    p = sub.add_parser("prepare", help="decode + resize images once into uint8 shards for data.format: shards")
+    p.add_argument("spec", help="job spec YAML (its data, model and image_size decide what is stored)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a spec field")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    p.add_argument("--out", default=None, metavar="URI", help="local dir or s3:// prefix (default: data.prepared)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: all CPUs; 0 = in process)")
+    p.add_argument("--shard-mb", type=float, default=DEFAULT_SHARD_BYTES / 2**20, help="target size of one shard file")
+    p.add_argument("--force", action="store_true", help="rewrite even if the directory is up to date")
+    p.set_defaults(func=cmd_prepare)

@@ -1,0 +1,224 @@
+"""The `tune.space` of a job spec: parse, validate against the spec and the model, apply to a trial.
+
+No Ray import here (tune.py turns a `Dist` into a Ray Tune domain), so a space is checked before
+Ray starts, and the checks are testable without a cluster. Every error is a SpecError naming the
+space key.
+
+Distributions (one per dotted spec path):
+  choice: [a, b, ...]          any values the field accepts
+  randint: [low, high]         integers, BOTH ends inclusive ([0, 6] can draw 0 and 6)
+  uniform: [low, high]         floats
+  loguniform: [low, high]      floats, 0 < low
+  auto                         strategy.freeze_depth / strategy.unfreeze.<epoch> only:
+                               every depth the model's layer groups allow, 0..num_layer_groups
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, get_args, get_origin
+
+from pydantic import BaseModel
+
+from tltrain.config import JobSpec, SpecError, parse_spec
+
+KINDS = ("choice", "randint", "uniform", "loguniform")
+AUTO = "auto"
+
+# Spec paths a search may not vary, and why: they name the sweep's storage and ranking, or are
+# fixed by the search itself.
+_FIXED = {
+    "name": "the sweep's name (each trial gets <name>-<trial_id>)",
+    "tune": "the search settings themselves",
+    "tracking": "where the sweep logs (one parent run, a child per trial)",
+    "storage.uri": "where the sweep and its trials are stored",
+    "storage.metric": "trials rank checkpoints by tune.metric",
+    "storage.mode": "trials rank checkpoints by tune.mode",
+    "scaling.address": "the cluster the sweep runs on",
+    "loop.epochs": "ASHA's max_t (every trial's budget); set it in the spec",
+}
+
+
+@dataclass(frozen=True)
+class Dist:
+    kind: str  # one of KINDS
+    args: tuple[Any, ...]  # choice: the values; ranges: (low, high), randint inclusive of high
+
+    def candidates(self) -> list[Any]:
+        """Values that stand for the whole distribution when validating against the spec: every
+        choice; for a range both ends and a non-integer point inside (catches uniform on an int field)."""
+        if self.kind == "choice":
+            return list(self.args)
+        low, high = self.args
+        if self.kind == "randint":
+            return [low, high]
+        if self.kind == "uniform":
+            return [low, high, low + 0.37 * (high - low)]
+        return [low, high, math.exp(math.log(low) + 0.37 * (math.log(high) - math.log(low)))]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def parse_distribution(key: str, raw: Any) -> Dist | str:
+    """Check one entry's shape (kind, arity, bounds); returns a Dist or "auto". Raises ValueError
+    with a message that starts with the key (config's validator and validate_space both use it)."""
+    if raw == AUTO:
+        return AUTO
+    if not isinstance(raw, dict) or len(raw) != 1:
+        raise ValueError(
+            f"{key}: expected one distribution, {{choice|randint|uniform|loguniform: [...]}} or \"auto\", got {raw!r}"
+        )
+    kind, args = next(iter(raw.items()))
+    if kind not in KINDS:
+        raise ValueError(f"{key}: unknown distribution {kind!r} (use one of {', '.join(KINDS)})")
+    if not isinstance(args, (list, tuple)):
+        raise ValueError(f"{key}: {kind} takes a list, e.g. {kind}: {_example(kind)}; got {args!r}")
+    if kind == "choice":
+        if not args:
+            raise ValueError(f"{key}: choice needs at least one value")
+        return Dist(kind, tuple(args))
+    if len(args) != 2:
+        raise ValueError(f"{key}: {kind} takes exactly [low, high], e.g. {kind}: {_example(kind)}; got {list(args)!r}")
+    low, high = args
+    if kind == "randint":
+        if not (isinstance(low, int) and isinstance(high, int)) or isinstance(low, bool) or isinstance(high, bool):
+            raise ValueError(f"{key}: randint bounds must be integers, got {list(args)!r}")
+    elif not (_is_number(low) and _is_number(high)):
+        raise ValueError(f"{key}: {kind} bounds must be numbers, got {list(args)!r}")
+    if not low < high:
+        raise ValueError(f"{key}: {kind} needs low < high, got [{low}, {high}] (for one value set the field itself)")
+    if kind == "loguniform" and low <= 0:
+        raise ValueError(f"{key}: loguniform needs 0 < low, got low={low}")
+    if kind != "randint":
+        low, high = float(low), float(high)
+    return Dist(kind, (low, high))
+
+
+def _example(kind: str) -> str:
+    return {"choice": "[a, b]", "randint": "[0, 6]", "uniform": "[0.5, 1.0]", "loguniform": "[1.0e-5, 1.0e-3]"}[kind]
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):  # Optional[Section]
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _is_mapping(annotation: Any) -> bool:
+    return get_origin(annotation) is dict or any(get_origin(a) is dict for a in get_args(annotation))
+
+
+def check_field_path(key: str) -> None:
+    """Raise SpecError unless `key` names a JobSpec field (a leaf, or one key of a dict field such
+    as strategy.unfreeze.<epoch>) that a search may vary."""
+    for fixed, why in _FIXED.items():
+        if key == fixed or key.startswith(fixed + "."):
+            raise SpecError(f"tune.space.{key}: cannot be searched: {fixed} is {why}")
+    model: type[BaseModel] = JobSpec
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            where = ".".join(parts[:i]) or "the spec"
+            raise SpecError(
+                f"tune.space.{key}: not a spec field ({where} has no field {part!r}; see `tltrain spec-fields`)"
+            )
+        sub = _submodel(field.annotation)
+        rest = parts[i + 1 :]
+        if sub is not None:
+            if not rest:
+                raise SpecError(f"tune.space.{key}: is a section, not a field; search one of its fields")
+            model = sub
+            continue
+        if _is_mapping(field.annotation) and len(rest) == 1:
+            return  # one entry of a mapping field, e.g. strategy.unfreeze.2
+        if rest:
+            raise SpecError(f"tune.space.{key}: not a spec field ({'.'.join(parts[: i + 1])} has no sub-fields)")
+        return
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    for part in key.split(".")[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[key.split(".")[-1]] = value
+
+
+def plain(value: Any) -> Any:
+    """numpy scalars (Ray's samplers) -> Python values, so pydantic and JSON accept them."""
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (list, dict, str)):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def apply_config(spec: JobSpec, config: dict[str, Any], **updates: Any) -> JobSpec:
+    """The spec of one trial: the sampled values (dotted paths) applied to the sweep's spec, plus
+    plain top-level/dotted `updates` (e.g. name, storage.uri). Validated like any spec."""
+    tree = copy.deepcopy(spec.to_dict())
+    for key, value in {**config, **updates}.items():
+        set_dotted(tree, key, plain(value))
+    return parse_spec(tree, "(trial)")
+
+
+def _is_depth_key(key: str) -> bool:
+    return key == "strategy.freeze_depth" or key.startswith("strategy.unfreeze.")
+
+
+def validate_space(spec: JobSpec, num_layer_groups: int) -> dict[str, Dist]:
+    """The spec's search space, checked against JobSpec and the model; "auto" resolved.
+
+    Raises SpecError naming the key for: no tune section or an empty space, a key that is not a
+    (searchable) spec field, a bad distribution, a value the field rejects, a freeze depth beyond
+    the model's `num_layer_groups`, and scheduler settings that cannot work with loop.epochs.
+    """
+    if spec.tune is None:
+        raise SpecError("tune: the spec has no tune: section (num_samples, metric, mode, space, ...)")
+    tune = spec.tune
+    if not tune.space:
+        raise SpecError("tune.space: empty; give at least one dotted spec path with a distribution")
+    if tune.scheduler.kind == "asha" and tune.scheduler.grace_epochs > spec.loop.epochs:
+        raise SpecError(
+            f"tune.scheduler.grace_epochs: {tune.scheduler.grace_epochs} is more than loop.epochs={spec.loop.epochs}"
+        )
+    space: dict[str, Dist] = {}
+    for key, raw in tune.space.items():
+        check_field_path(key)
+        try:
+            dist = parse_distribution(key, raw)
+        except ValueError as err:
+            raise SpecError(f"tune.space.{err}") from None
+        if dist == AUTO:
+            if not _is_depth_key(key):
+                raise SpecError(
+                    f"tune.space.{key}: \"auto\" is only for strategy.freeze_depth (every depth the model allows)"
+                )
+            dist = Dist("randint", (0, num_layer_groups)) if num_layer_groups > 0 else Dist("choice", (0,))
+        assert isinstance(dist, Dist)
+        for value in dist.candidates():
+            try:
+                apply_config(spec, {key: value})
+            except SpecError as err:
+                detail = str(err).split("\n", 1)[-1].strip()
+                raise SpecError(f"tune.space.{key}: {value!r} is not a valid value ({detail})") from None
+        if _is_depth_key(key):
+            too_deep = [v for v in dist.candidates() if v != "all" and isinstance(v, int) and v > num_layer_groups]
+            if too_deep:
+                raise SpecError(
+                    f"tune.space.{key}: depth {max(too_deep)} is beyond {spec.model.name}'s {num_layer_groups} "
+                    f"layer groups (use 0..{num_layer_groups}, \"all\", or auto)"
+                )
+        space[key] = dist
+    return space

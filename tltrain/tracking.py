@@ -1,0 +1,414 @@
+"""MLflow runs: one run per training job, or a parent run per sweep with a child run per trial.
+
+The driver (rank 0 / the Ray driver) opens a tracker with `open_tracker(spec)`; when
+spec.tracking.enabled is false it gets a `NullTracker` with the same methods, so callers never
+branch. We talk to MLflow through an explicit `MlflowClient` rather than the fluent API's global
+"active run" stack: trials of a sweep log concurrently and must not touch each other's run.
+
+Nothing secret may reach MLflow: the spec is flattened without any env/secret sections, URL
+user-info is masked, and the values of well-known credential variables are masked wherever they
+would appear (see `redact`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.environment_variables import MLFLOW_TRACKING_URI
+from mlflow.exceptions import MlflowException
+from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+from tltrain import __version__
+from tltrain.config import DEFAULT_STORE_DIR, JobSpec
+from tltrain.tracking_base import NullTracker, RunStatus
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_DB = f"{DEFAULT_STORE_DIR}/mlflow.db"
+
+# Tags that describe where a model came from; registry copies them from a run onto model versions.
+LINEAGE_TAG_KEYS = (
+    "source_weights_uri", "source_weights_sha256", "dataset_sha256", "dataset_num_files",
+    "dataset_num_classes", "dataset_class_names", "tltrain_version", "git_commit", "trial", "ray_run",
+)  # fmt: skip
+
+# Spec sections that may carry secrets (e.g. a future runtime env for workers): never logged.
+_SECRET_KEY = re.compile(r"^(env|env_vars|environment|runtime_env)$|password|secret|token|credential", re.I)
+# scheme://user:password@host -> scheme://***@host
+_URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+# Credentials that boto3 / MLflow read from the environment. Reading them here is for masking only:
+# if a user pasted one into a spec value, it still must not reach the tracking store.
+_SECRET_ENV_VARS = (
+    "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH", "DATABRICKS_TOKEN",
+)  # fmt: skip
+_MIN_SECRET_LEN = 6  # shorter values (e.g. "x") would mask ordinary text and protect nothing
+
+
+def redact(text: str) -> str:
+    """Mask URL user-info and the values of credential environment variables."""
+    text = _URL_USERINFO.sub(r"\1***@", text)
+    for var in _SECRET_ENV_VARS:
+        value = os.environ.get(var)
+        if value and len(value) >= _MIN_SECRET_LEN and value in text:
+            text = text.replace(value, "***")
+    return text
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def sanitize_spec(tree: Any) -> Any:
+    """The spec tree without secret-bearing sections and with string values redacted."""
+    if isinstance(tree, dict):
+        return {k: sanitize_spec(v) for k, v in tree.items() if not _SECRET_KEY.search(str(k))}
+    if isinstance(tree, list):
+        return [sanitize_spec(v) for v in tree]
+    if isinstance(tree, str):
+        return redact(tree)
+    return tree
+
+
+def flatten_spec(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"optim": {"lr": 3e-4}} -> {"optim.lr": "0.0003"}; values JSON-encoded (YAML-compatible, so
+    they paste into `--set`), lists kept whole, clipped to MLflow's param value limit."""
+    out: dict[str, str] = {}
+    for key, value in sanitize_spec(tree).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten_spec(value, f"{name}."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            out[name] = _clip(text, MAX_PARAM_VAL_LENGTH)
+    return out
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """spec.tracking.uri, else MLflow's own MLFLOW_TRACKING_URI, else sqlite under ~/.tltrain
+    (MLflow 3.17's ./mlruns file store refuses writes, so never fall through to it)."""
+    if uri:
+        return _expand_sqlite(uri)
+    if MLFLOW_TRACKING_URI.is_set():
+        return _expand_sqlite(MLFLOW_TRACKING_URI.get())
+    path = Path(DEFAULT_TRACKING_DB).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _expand_sqlite(uri: str) -> str:
+    # SQLAlchemy does not expand "~"; users write sqlite:///~/x.db.
+    if uri.startswith("sqlite:///~"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).expanduser())
+    return uri
+
+
+def _sqlite_artifact_root(uri: str) -> str | None:
+    """Artifact root next to a sqlite db: MLflow's default (./mlruns) would depend on the cwd."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///") :])
+    return (db.parent / "mlartifacts").absolute().as_uri()
+
+
+def get_or_create_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=_sqlite_artifact_root(tracking_uri))
+    except MlflowException:
+        # Another trial created it between our lookup and create.
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def lineage_tags(
+    meta_or_spec: dict[str, Any],
+    fingerprint: dict[str, Any] | None = None,
+    *,
+    trial: str | None = None,
+    ray_run: str | None = None,
+    git_commit: str | None = None,
+    source_weights_uri: str | None = None,
+    source_weights_sha256: str | None = None,
+) -> dict[str, str]:
+    """Lineage tags (keys in LINEAGE_TAG_KEYS) from a checkpoint's meta.json or a resolved spec
+    dict, plus the dataset fingerprint ({class_names, num_files, sha256}) from data.plan_dataset."""
+    tags: dict[str, Any] = {"tltrain_version": meta_or_spec.get("tltrain_version") or __version__}
+    if "source_weights_uri" in meta_or_spec:  # a checkpoint's meta.json
+        tags["source_weights_uri"] = meta_or_spec["source_weights_uri"]
+        tags["source_weights_sha256"] = meta_or_spec.get("source_weights_sha256")
+        fingerprint = fingerprint or meta_or_spec.get("dataset_fingerprint")
+    elif "model" in meta_or_spec:  # a spec dict
+        tags["source_weights_uri"] = meta_or_spec["model"].get("weights")
+    if source_weights_uri:  # e.g. the resolved URI when the spec said "hub"
+        tags["source_weights_uri"] = source_weights_uri
+    if source_weights_sha256:
+        tags["source_weights_sha256"] = source_weights_sha256
+    if fingerprint:
+        tags["dataset_sha256"] = fingerprint.get("sha256")
+        tags["dataset_num_files"] = fingerprint.get("num_files")
+        names = fingerprint.get("class_names") or []
+        tags["dataset_num_classes"] = len(names)
+        tags["dataset_class_names"] = json.dumps(names)
+    tags.update(trial=trial, ray_run=ray_run, git_commit=git_commit)
+    return {k: _clip(redact(str(v)), MAX_TAG_VAL_LENGTH) for k, v in tags.items() if v is not None}
+
+
+class Tracker(NullTracker):
+    """One MLflow run. Per-epoch logging never raises (a flaky tracking server must not kill a
+    long training); opening the run and logging the spec do, so misconfiguration shows up front."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self._run_id = run_id
+        self._ended = False
+
+    @property
+    def run_id(self) -> str:  # type: ignore[override]
+        return self._run_id
+
+    def log_spec(self, spec_dict: dict[str, Any]) -> None:
+        params = flatten_spec(spec_dict)
+        existing = self.client.get_run(self._run_id).data.params
+        # A resumed run already holds its params, and MLflow refuses to change a param's value:
+        # log only new keys, and record changed ones as a tag instead of failing the job.
+        changed = sorted(k for k, v in params.items() if k in existing and existing[k] != v)
+        todo = [Param(k, v) for k, v in params.items() if k not in existing]
+        for start in range(0, len(todo), 100):  # MLflow accepts at most 100 params per batch
+            self.client.log_batch(self._run_id, params=todo[start : start + 100])
+        if changed:
+            log.warning("resumed run %s: spec values changed for %s (kept the first values as params)", self._run_id, changed)
+            self.set_tags({"spec_changed_on_resume": ",".join(changed)})
+        self.client.log_text(self._run_id, yaml.safe_dump(sanitize_spec(spec_dict), sort_keys=False), "spec.yaml")
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        items = [RunTag(k, _clip(redact(str(v)), MAX_TAG_VAL_LENGTH)) for k, v in tags.items() if v is not None]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self._run_id, tags=items[start : start + 100])
+
+    def log_epoch(self, metrics: dict[str, Any], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+        try:
+            for start in range(0, len(batch), 1000):
+                self.client.log_batch(self._run_id, metrics=batch[start : start + 1000])
+        except Exception as err:  # noqa: BLE001 - see the class docstring
+            log.warning("MLflow: could not log metrics for step %d: %s", step, redact(str(err)))
+
+    def log_final(self, checkpoint_dir: str | None, history: list[dict[str, Any]]) -> None:
+        """Learning curves from the history, and from the best checkpoint's meta.json a per-class
+        precision/recall/F1 report and the confusion matrix (text, JSON and PNG)."""
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp)
+                if history:
+                    learning_curves_png(history, out / "learning_curves.png")
+                meta = _read_meta(checkpoint_dir, out) if checkpoint_dir else None
+                if meta and meta.get("confusion_matrix") and meta.get("class_names"):
+                    rep = classification_report(meta["confusion_matrix"], meta["class_names"])
+                    (out / "classification_report.json").write_text(json.dumps(rep, indent=2))
+                    (out / "classification_report.txt").write_text(format_report(rep))
+                    confusion_matrix_png(meta["confusion_matrix"], meta["class_names"], out / "confusion_matrix.png")
+                    self.log_epoch(
+                        {"best/acc": rep["accuracy"], "best/f1_macro": rep["macro avg"]["f1"]}, step=int(meta.get("epoch") or 0)
+                    )
+                if checkpoint_dir:
+                    self.set_tags({"best_checkpoint": checkpoint_dir})
+                for f in sorted(out.iterdir()):
+                    if f.name != "meta.json":
+                        self.client.log_artifact(self._run_id, str(f), "report")
+        except Exception as err:  # noqa: BLE001 - a failed plot must not fail a finished training
+            log.warning("MLflow: could not log the final report: %s", redact(str(err)))
+
+    def end(self, status: RunStatus = "FINISHED") -> None:
+        if not self._ended:
+            self.client.set_terminated(self._run_id, status)
+            self._ended = True
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.end("FINISHED")
+        else:
+            self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _read_meta(checkpoint: str, tmp: Path) -> dict[str, Any] | None:
+    """meta.json of a local checkpoint dir or one in object storage (only that file is fetched)."""
+    from tltrain import checkpoint as ckpt
+
+    if "://" in checkpoint:
+        from tltrain import storage
+
+        storage.download_file(f"{checkpoint.rstrip('/')}/{ckpt.META_FILE}", str(tmp / ckpt.META_FILE))
+        return ckpt.load_meta(tmp)
+    path = Path(checkpoint).expanduser()
+    return ckpt.load_meta(path) if (path / ckpt.META_FILE).is_file() else None
+
+
+def _find_resumable(client: MlflowClient, experiment_id: str, run_name: str, parent_run_id: str | None) -> str | None:
+    """A previous, unfinished run with the same name (and parent): re-running a job name resumes
+    its Ray checkpoint, so it continues its MLflow run too."""
+    quoted = run_name.replace("'", "\\'")
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{MLFLOW_RUN_NAME}` = '{quoted}'", order_by=["attributes.start_time DESC"], max_results=20
+    )
+    for run in runs:
+        if run.data.tags.get(MLFLOW_PARENT_RUN_ID) == parent_run_id and run.info.status != "FINISHED":
+            return run.info.run_id
+    return None
+
+
+def open_tracker(
+    spec: JobSpec,
+    *,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    tags: dict[str, Any] | None = None,
+    resume: bool = True,
+) -> NullTracker:
+    """Start (or resume, see _find_resumable) the MLflow run for a job, a sweep or a trial.
+
+    Sweep: `parent = open_tracker(spec, run_name=sweep_name)`, then per trial
+    `open_tracker(trial_spec, parent_run_id=parent.run_id, run_name=trial_id)`.
+    """
+    if not spec.tracking.enabled:
+        return NullTracker()
+    uri = resolve_tracking_uri(spec.tracking.uri)
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = get_or_create_experiment(client, spec.tracking.experiment, uri)
+    name = run_name or spec.name
+    run_id = _find_resumable(client, experiment_id, name, parent_run_id) if resume else None
+    all_tags = {**(tags or {})}
+    if run_id is not None:
+        client.update_run(run_id, status="RUNNING")
+        log.info("MLflow: resuming run %s (%s)", name, run_id)
+    else:
+        base = resolve_tags({MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else {})
+        base = {k: _clip(redact(str(v)), MAX_TAG_VAL_LENGTH) for k, v in base.items()}
+        run_id = client.create_run(experiment_id, run_name=name, tags=base).info.run_id
+        log.info("MLflow: run %s (%s) in experiment %r at %s", name, run_id, spec.tracking.experiment, redact(uri))
+    tracker = Tracker(client, run_id)
+    all_tags.setdefault("tltrain_version", __version__)
+    tracker.set_tags(all_tags)
+    return tracker
+
+
+# --- the final report: plain functions of the confusion matrix and the epoch history ----------
+
+
+def classification_report(confusion: list[list[int]], class_names: list[str]) -> dict[str, Any]:
+    """Per-class precision/recall/F1/support from a confusion matrix (rows = true class), plus
+    accuracy and macro/weighted averages, in the layout of sklearn's classification_report."""
+    n = len(class_names)
+    rows = [[int(x) for x in row] for row in confusion]
+    if len(rows) != n or any(len(r) != n for r in rows):
+        raise ValueError(f"confusion matrix is not {n}x{n} (one row and column per class)")
+    total = sum(map(sum, rows))
+    out: dict[str, Any] = {}
+    for i, name in enumerate(class_names):
+        tp, support, predicted = rows[i][i], sum(rows[i]), sum(r[i] for r in rows)
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        out[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    per_class = [out[name] for name in class_names]
+    for avg, weights in (("macro avg", [1] * n), ("weighted avg", [c["support"] for c in per_class])):
+        wsum = sum(weights) or 1
+        out[avg] = {k: sum(w * c[k] for w, c in zip(weights, per_class)) / wsum for k in ("precision", "recall", "f1")}
+        out[avg]["support"] = total
+    out["accuracy"] = sum(rows[i][i] for i in range(n)) / total if total else 0.0
+    return out
+
+
+def format_report(rep: dict[str, Any]) -> str:
+    width = max([len(k) for k in rep] + [12])
+    lines = [f"{'':>{width}}  precision  recall      f1  support"]
+    for name, row in rep.items():
+        if name == "accuracy":
+            continue
+        if name == "macro avg":
+            lines.append("")
+        lines.append(f"{name:>{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:6.3f}  {row['support']:7d}")
+    lines.append(f"{'accuracy':>{width}}  {rep['accuracy']:9.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def _figure(width: float, height: float) -> Any:
+    # Figure + Agg canvas directly: no pyplot, so no global backend switch in the caller's process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def confusion_matrix_png(confusion: list[list[int]], class_names: list[str], path: Path) -> None:
+    n = len(class_names)
+    size = min(4 + 0.45 * n, 30)
+    fig = _figure(size, size)
+    ax = fig.add_subplot()
+    image = ax.imshow(confusion, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title="validation confusion matrix")
+    ax.set_xticklabels(class_names, rotation=90)
+    ax.set_yticklabels(class_names)
+    if n <= 30:  # beyond that the numbers are unreadable anyway
+        peak = max(max(r) for r in confusion) or 1
+        for i, row in enumerate(confusion):
+            for j, v in enumerate(row):
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > peak / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def learning_curves_png(history: list[dict[str, Any]], path: Path) -> None:
+    """One panel per metric kind (loss, acc, ...) with its train/ and val/ curves; one for LRs."""
+    panels: dict[str, list[str]] = {}
+    keys = sorted({k for h in history for k, v in h.items() if _is_number(v)})
+    for key in keys:
+        split, _, kind = key.partition("/")
+        if split in ("train", "val") and kind:
+            panels.setdefault(kind, []).append(key)
+        elif split == "lr":
+            panels.setdefault("lr", []).append(key)
+    if not panels:
+        return
+    x = [h["epoch"] if _is_number(h.get("epoch")) else i + 1 for i, h in enumerate(history)]
+    fig = _figure(5 * len(panels), 4)
+    for i, (kind, series) in enumerate(sorted(panels.items()), start=1):
+        ax = fig.add_subplot(1, len(panels), i)
+        for key in series:
+            pts = [(xi, h[key]) for xi, h in zip(x, history) if _is_number(h.get(key))]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+        ax.set(title=kind, xlabel="epoch")
+        if kind == "lr" and all(h[k] > 0 for h in history for k in series if _is_number(h.get(k))):
+            ax.set_yscale("log")  # layer-wise decay spreads group LRs over decades
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
