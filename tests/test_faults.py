@@ -533,6 +533,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
     assert re.search(rf"resuming bitrot from s3://\S+/{older} \(epoch 1, global_step {STEPS_PER_EPOCH}\)", err), err[-5000:]
     # Epoch 2 is trained again from the good epoch-1 checkpoint, then epoch 3.
     assert _epoch_lines(second.stdout, 3) == [2, 3], second.stdout
+    # ... and it is the same epoch 2 as the first time (weights, optimizer and schedule restored;
+    # this job has no random augmentation, so training is deterministic on CPU).
+    loss = re.compile(r"^epoch 2/\d+  train/loss (\S+)  val/loss (\S+)", re.M)
+    assert loss.search(second.stdout).groups() == loss.search(first.stdout).groups()
     summary = second.summary()
     assert summary["epochs_completed"] == 3
     assert summary["best_checkpoint"] != latest_uri  # never the damaged one, whatever its val/acc

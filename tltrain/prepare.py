@@ -35,35 +35,20 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from tltrain import storage
 from tltrain.config import JobSpec, SpecError, expand_path, load_spec
-from tltrain.data import (
-    DataError,
-    FolderIndex,
-    Sample,
-    _fingerprint,
-    build_transform,
-    load_rgb,
-    localize,
-    plan_dataset,
-    resolve_data_config,
-)
-from tltrain.gpu_data import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    INDEX_FILE,
-    center_offset,
-    geometry,
-    image_size_of,
-    read_index,
-    stored_size,
-)
+
+# torch, timm, PIL and boto3 load inside the functions that need them: the CLI imports this module
+# for `add_commands`, and `tltrain --help` or `tltrain jobs` should not pay seconds for them.
+Sample = tuple[str, int]
 
 DEFAULT_SHARD_BYTES = 1 << 30
+
 
 def eval_resize(data_config: dict[str, Any]) -> Callable[[Any], Any]:
     """The resize step of the CPU eval transform (timm's own object), applied by `tltrain prepare`."""
     import torchvision.transforms as T
+
+    from tltrain.data import DataError, build_transform
 
     steps = build_transform(data_config, False).transforms
     if not (isinstance(steps[0], T.Resize) and isinstance(steps[1], T.CenterCrop)):
@@ -80,6 +65,9 @@ def prepare_image(path: str, resize: Callable[[Any], Any], image_size: int, size
     The square's offset is chosen so that its own centre `image_size` crop is exactly the CPU eval
     transform's centre crop of the whole resized image.
     """
+    from tltrain.data import DataError, load_rgb
+    from tltrain.gpu_data import center_offset
+
     im = resize(load_rgb(path))
     w, h = im.size
     top = min(max(center_offset(h, image_size) - center_offset(size, image_size), 0), h - size)
@@ -94,6 +82,8 @@ _worker_args: tuple[Callable[[Any], Any], int, int] | None = None
 
 
 def _init_worker(data_config: dict[str, Any]) -> None:
+    from tltrain.gpu_data import image_size_of, stored_size
+
     global _worker_args
     _worker_args = (eval_resize(data_config), image_size_of(data_config), stored_size(data_config))
 
@@ -105,6 +95,8 @@ def _prepare_path(path: str) -> np.ndarray:
 
 def _folder_samples(spec: JobSpec) -> tuple[Any, dict[str, tuple[str, list[Sample]]]]:
     """The dataset plan (uncapped) and, per split, (folder root, every image of that folder)."""
+    from tltrain.data import localize, plan_dataset
+
     data = spec.data.model_copy(update={"max_images_per_class": None})
     plan = plan_dataset(data, spec.loop.seed)
     train_root = localize(spec.data.train, spec.data.cache_dir)
@@ -120,12 +112,15 @@ def _folder_samples(spec: JobSpec) -> tuple[Any, dict[str, tuple[str, list[Sampl
 def _fingerprints(plan: Any, splits: dict[str, tuple[str, list[Sample]]]) -> list[str]:
     """Dataset fingerprints (data._fingerprint) this directory serves: the train folder alone (a spec
     with val_fraction) and, when prepared with a val folder, train + val."""
+    from tltrain.data import FolderIndex, _fingerprint
+
     root, samples = splits["train"]
     alone = _fingerprint({"train": FolderIndex(root, plan.class_names, samples)}, plan.class_names)["sha256"]
     return sorted({alone, plan.fingerprint["sha256"]})
 
 
 def _data_config(spec: JobSpec, num_classes: int) -> dict[str, Any]:
+    from tltrain.data import resolve_data_config
     from tltrain.model import build_model
 
     # Preprocessing only depends on the architecture, not on the weights.
@@ -137,6 +132,8 @@ def _write_split(
     name: str, samples: Sequence[Sample], data_config: dict[str, Any], out_dir: Path, shard_bytes: int,
     workers: int, log: Callable[[str], None],
 ) -> dict[str, Any]:
+    from tltrain.gpu_data import stored_size
+
     size = stored_size(data_config)
     per_shard = max(1, shard_bytes // (size * size * 3))
     paths = [p for p, _ in samples]
@@ -154,8 +151,10 @@ def _write_split(
             return
         # forkserver: no fork of a process that may hold threads (Ray, loaders). An executor, not a
         # Pool: a worker that dies fails the command instead of being replaced forever.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver"),
-                                 initializer=_init_worker, initargs=(data_config,)) as pool:
+        ctx = multiprocessing.get_context("forkserver")
+        # The server imports torch/timm/PIL once; each worker forks from it instead of importing them.
+        ctx.set_forkserver_preload(["tltrain.prepare", "tltrain.data", "tltrain.gpu_data"])
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(data_config,)) as pool:
             yield from pool.map(_prepare_path, paths, chunksize=16)
 
     current: np.memmap | None = None
@@ -190,6 +189,10 @@ def prepare(
     `workers`: decoding processes (None = all CPUs, 0 = in this process). An up-to-date directory
     (same files, classes and geometry) is left alone unless `force`.
     """
+    from tltrain import storage
+    from tltrain.data import DataError
+    from tltrain.gpu_data import FORMAT_NAME, FORMAT_VERSION, INDEX_FILE, geometry, image_size_of, stored_size
+
     t_start = time.perf_counter()
     try:
         plan, splits = _folder_samples(spec)
@@ -263,6 +266,10 @@ def prepare(
 
 
 def _existing_index(out_uri: str, cache_dir: str) -> dict[str, Any] | None:
+    from tltrain import storage
+    from tltrain.data import DataError
+    from tltrain.gpu_data import INDEX_FILE, read_index
+
     if storage.is_s3(out_uri):
         uri = f"{out_uri.rstrip('/')}/{INDEX_FILE}"
         if not storage.exists(uri):

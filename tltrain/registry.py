@@ -26,7 +26,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.types.schema import ColSpec, Schema
 
-from tltrain import __version__, storage
+from tltrain import storage
 from tltrain.checkpoint import MANIFEST_FILE, META_FILE, MODEL_FILE, CheckpointError, checkpoint_sha256, load_meta, verify_checkpoint
 from tltrain.tracking import (
     LINEAGE_TAG_KEYS,
@@ -156,25 +156,29 @@ def register_checkpoint(
 
         # Create the LoggedModel ourselves: Model.log would file it under the fluent API's active
         # (default "0") experiment instead of the run's experiment.
-        experiment_id = client.get_run(run_id).info.experiment_id
-        logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id, tags={"checkpoint_sha256": sha})
-        with _use_tracking_uri(uri):
-            info = Model.log(
-                artifact_path=None,
-                name="model",
-                flavor=mlflow.pyfunc,
-                flavor_name="pyfunc.ModelFromCode",
-                run_id=run_id,
-                model_id=logged.model_id,
-                python_model=str(PYFUNC_FILE),
-                artifacts={"weights": str(local / MODEL_FILE), "meta": str(meta_path)},
-                signature=_signature(list(meta["class_names"])),
-                pip_requirements=_requirements(meta["model_name"]),
-                metadata={"class_names": list(meta["class_names"]), "model_name": meta["model_name"], "checkpoint_sha256": sha},
-            )
-            mv = mlflow.register_model(info.model_uri, registry_name, tags=version_tags)
-        if own_run:
-            client.set_terminated(run_id, "FINISHED")
+        status = "FAILED"
+        try:
+            experiment_id = client.get_run(run_id).info.experiment_id
+            logged = client.create_logged_model(experiment_id, name="model", source_run_id=run_id, tags={"checkpoint_sha256": sha})
+            with _use_tracking_uri(uri):
+                info = Model.log(
+                    artifact_path=None,
+                    name="model",
+                    flavor=mlflow.pyfunc,
+                    flavor_name="pyfunc.ModelFromCode",
+                    run_id=run_id,
+                    model_id=logged.model_id,
+                    python_model=str(PYFUNC_FILE),
+                    artifacts={"weights": str(local / MODEL_FILE), "meta": str(meta_path)},
+                    signature=_signature(list(meta["class_names"])),
+                    pip_requirements=_requirements(meta["model_name"]),
+                    metadata={"class_names": list(meta["class_names"]), "model_name": meta["model_name"], "checkpoint_sha256": sha},
+                )
+                mv = mlflow.register_model(info.model_uri, registry_name, tags=version_tags)
+            status = "FINISHED"
+        finally:
+            if own_run:  # a run we opened must not stay RUNNING, whatever happened
+                client.set_terminated(run_id, status)
     if alias:
         client.set_registered_model_alias(registry_name, alias, mv.version)
     log.info("registered %s version %s from %s", registry_name, mv.version, redact(checkpoint_uri))
@@ -288,7 +292,7 @@ def pull(ref: str, to_dir: str, *, tracking_uri: str | None = None) -> Path:
         raise LookupError(f"{mv.name} version {mv.version} was not registered by tltrain (no checkpoint_uri tag)")
     dest = Path(to_dir).expanduser()
     storage.download_tree(tags["checkpoint_uri"], str(dest))
-    verify_checkpoint(dest)
+    verify_checkpoint(dest, source=tags["checkpoint_uri"])
     if checkpoint_sha256(dest) != tags.get("checkpoint_sha256"):
         raise RuntimeError(f"{tags['checkpoint_uri']} changed since {mv.name} version {mv.version} was registered")
     return dest

@@ -129,11 +129,27 @@ def run_trial(config: dict[str, Any], spec_dict: dict[str, Any], plan_dict: dict
     from ray.tune.integration.ray_train import TuneReportCallback
 
     spec = JobSpec.model_validate(spec_dict)
+    assert spec.tune is not None
     paths = sweep_paths(spec)
     trial_id = tune.get_context().get_trial_id()
-    if storage.exists(paths.done_uri(trial_id)):
-        return  # finished before the driver restarted: keep its result, do not train again
+    done = _read_json(paths.done_uri(trial_id))
+    if done is not None:
+        # Finished before the driver restarted (Tune's saved state lagged): do not train again, but
+        # hand Tune the trial's last epoch, as Tune wants every trial to report its metric.
+        last = dict((done.get("history") or [{}])[-1])
+        last.setdefault("epoch", done.get("epochs", 0))
+        if last.get(spec.tune.metric) is None:
+            last[spec.tune.metric] = done.get("best_metric") if done.get("best_metric") is not None else math.nan
+        tune.report(last)
+        return
     tspec = trial_spec(spec, paths, trial_id, config)
+    prior = _train_run_result(paths, trial_id)
+    latest = prior.metrics if prior is not None and prior.checkpoint is not None else None
+    if latest and (int(latest.get("epoch", 0)) >= tspec.loop.epochs or latest.get("stopped_early")):
+        # Its Train run already ended (the driver died before recording it): training again would
+        # report nothing, which Tune rejects; hand over the last epoch instead.
+        tune.report(dict(latest))
+        return
     plan = TrainPlan(**plan_dict)
     if any(key.startswith(_PLAN_KEYS) for key in config):
         plan = build_plan(tspec)
@@ -148,17 +164,25 @@ def _better(a: float, b: float, mode: str) -> bool:
     return a > b if mode == "max" else a < b
 
 
+def _train_run_result(paths: SweepPaths, trial_id: str) -> Any | None:
+    """The trial's Ray Train Result from storage (checkpoints and their metrics), None before its
+    first checkpoint."""
+    import ray.train
+
+    try:
+        return ray.train.Result.from_path(paths.run_fs_path(trial_id), storage_filesystem=paths.fs)
+    except Exception as err:  # noqa: BLE001 - no run dir or no snapshot yet: the trial never checkpointed
+        log.debug("tune: no Train run for trial %s: %s", trial_id, err)
+        return None
+
+
 def _read_train_run(paths: SweepPaths, trial_id: str, metric: str, mode: str) -> tuple[list[dict[str, Any]], str | None, float | None]:
     """(epoch history, best existing checkpoint URI, that checkpoint's metric) of a trial's Train run;
     ([], None, None) when it never saved a checkpoint."""
-    import ray.train
-
     from tltrain.checkpoint import MANIFEST_FILE, META_FILE
 
-    try:
-        result = ray.train.Result.from_path(paths.run_fs_path(trial_id), storage_filesystem=paths.fs)
-    except Exception as err:  # noqa: BLE001 - no run dir or no snapshot yet: the trial never checkpointed
-        log.debug("tune: no Train run for trial %s: %s", trial_id, err)
+    result = _train_run_result(paths, trial_id)
+    if result is None:
         return [], None, None
     history: list[dict[str, Any]] = []
     if result.checkpoint is not None:
