@@ -336,7 +336,7 @@ def test_kill_driver_then_resume(
     from tltrain.config import load_spec
     from tltrain.tune import sweep_paths
 
-    num_samples = 5
+    num_samples = 4
     tree = _tree(fashion_folders, f"{s3_bucket}/sweeps", "killed", SPACE, num_samples=num_samples, seed=1)
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(tree))
@@ -344,18 +344,25 @@ def test_kill_driver_then_resume(
     env = ray_cluster  # drivers attach to the test's cluster via RAY_ADDRESS; it outlives them
     log_lines: list[str] = []
 
+    # Kill the driver once a trial has finished while another is part-way (so --resume has both a
+    # trial to keep and one to continue from its checkpoint), or at the latest when two finished.
     proc = _cli(spec_path, env=env)
     done: list[str] = []
+    partway: set[str] = set()
     deadline = time.monotonic() + 400
     assert proc.stdout is not None
     try:
         for line in proc.stdout:
             log_lines.append(line)
-            if "] done:" in line:
-                done.append(line.split("]")[0].lstrip("["))
-            if len(done) >= 2 or time.monotonic() > deadline:
+            tid = line.split("]")[0].lstrip("[") if line.startswith("[") else None
+            if tid and "] done:" in line:
+                done.append(tid)
+                partway.discard(tid)
+            elif tid and "] epoch " in line and not line.startswith(f"[{tid}] epoch {EPOCHS}/"):
+                partway.add(tid)
+            if (done and partway) or len(done) >= 2 or time.monotonic() > deadline:
                 break
-        assert len(done) >= 2, "".join(log_lines)
+        assert done, "".join(log_lines)
         children = _descendants(proc.pid)
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -378,23 +385,73 @@ def test_kill_driver_then_resume(
 
     resumed = _cli(spec_path, "--resume", env=env)
     out, _ = resumed.communicate(timeout=500)
+    (tmp_path / "driver.log").write_text(before_kill + "--- resume ---\n" + out)
     assert resumed.returncode == 0, before_kill + "--- resume ---\n" + out
     summary = json.loads(out.strip().splitlines()[-1])
 
     trials = {t["trial_id"]: t for t in summary["trials"]}
     assert len(trials) == num_samples, "".join(log_lines)
-    brief = {tid: (t["status"], t["epochs"], t["stopped_by"], t["error"]) for tid, t in trials.items()}
-    assert all(t["status"] == "TERMINATED" and t["epochs"] >= 1 for t in trials.values()), (brief, out[-5000:])
+    brief = "; ".join(f"{tid} {t['status']} {t['epochs']} {t['stopped_by']} {t['error']}" for tid, t in trials.items())
+    assert all(t["status"] == "TERMINATED" and t["epochs"] >= 1 for t in trials.values()), (
+        f"{brief} (driver output: {tmp_path / 'driver.log'})"
+    )
     assert set(done) <= set(trials)
     for tid in done:
         assert storage.list_files(paths.run_uri(tid)) == before[tid], f"trial {tid} trained again after --resume"
         assert storage.list_files(paths.done_uri(tid)) == records_before[tid]
         assert f"[{tid}] epoch" not in out, f"trial {tid} trained again after --resume"
     # Trials that had reported (so checkpointed) an epoch when the driver died continued from it.
+    def epochs_of(tid: str, text: str) -> list[int]:
+        return [int(x.split("epoch ")[1].split("/")[0]) for x in text.splitlines() if x.startswith(f"[{tid}] epoch ")]
+
     for tid in set(trials) - set(done):
-        before_epochs = [int(x.split("epoch ")[1].split("/")[0]) for x in before_kill.splitlines() if x.startswith(f"[{tid}] epoch")]
-        after_epochs = [int(x.split("epoch ")[1].split("/")[0]) for x in out.splitlines() if x.startswith(f"[{tid}] epoch")]
+        before_epochs, after_epochs = epochs_of(tid, before_kill), epochs_of(tid, out)
+        if tid in partway:
+            assert after_epochs, f"trial {tid} was part-way at the kill and did not go on"
         if before_epochs and after_epochs:
             assert min(after_epochs) > max(before_epochs), f"trial {tid} repeated epochs: {before_epochs} then {after_epochs}"
     assert summary["best_metric"] == max(t["best_metric"] for t in trials.values())
     assert storage.exists(summary["best_checkpoint"] + "/MANIFEST.json")
+
+
+def test_optuna_searcher_is_seeded_and_inclusive(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tltrain.tune import _ray_domain
+
+    spec = parse_spec(_tree(fashion_folders, str(tmp_path), "o", SPACE))
+    param_space = {k: _ray_domain(d) for k, d in validate_space(spec, num_layer_groups=5).items()}
+
+    def draws(seed: int, n: int) -> list[dict[str, Any]]:
+        searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=seed))
+        assert searcher.set_search_properties("val/acc", "max", param_space)
+        return [searcher.suggest(f"t{i}") for i in range(n)]
+
+    first = draws(0, 60)
+    assert first[:8] == draws(0, 8), "the same seed must repeat the same samples"
+    assert first[:8] != draws(1, 8)
+    assert {d["strategy.freeze_depth"] for d in first} == {0, 1, 2, 3, 4, 5}
+    assert all(3.0e-4 <= d["optim.lr"] <= 3.0e-2 and 0.5 <= d["strategy.layer_decay"] <= 1.0 for d in first)
+
+
+def test_summary_orders_best_first_and_marks_the_cost_front(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
+    from tltrain.tune import summarize
+
+    spec = parse_spec(_tree(fashion_folders, str(tmp_path), "s", SPACE))
+
+    def rec(tid: str, best: float | None, cost: float, stopped: str | None = None) -> dict[str, Any]:
+        return {
+            "trial_id": tid, "config": {"optim.lr": 1e-3}, "status": "TERMINATED" if best is not None else "ERROR",
+            "error": None, "best_metric": best, "best_checkpoint": f"/ckpt/{tid}" if best is not None else None,
+            "epochs": 2 if stopped else 4, "stopped_early": stopped is not None, "stopped_by": stopped,
+            "cost_worker_s": cost, "gpu_hours": 0.0, "history": [],
+        }  # fmt: skip
+
+    summary = summarize(spec, [rec("a", 0.5, 10.0), rec("b", 0.7, 40.0), rec("c", 0.6, 5.0, "asha"),
+                               rec("d", 0.4, 20.0), rec("e", None, 1.0)])  # fmt: skip
+    assert [t["trial_id"] for t in summary["trials"]] == ["b", "c", "a", "d", "e"]
+    assert summary["best_metric"] == 0.7 and summary["best_checkpoint"] == "/ckpt/b" and summary["best_trial_id"] == "b"
+    assert {t["trial_id"] for t in summary["trials"] if t["pareto"]} == {"b", "c"}
+    assert summary["cost_worker_s"] == 76.0 and summary["num_stopped_early"] == 1 and summary["num_errored"] == 1
+    assert all("history" not in t for t in summary["trials"])

@@ -171,7 +171,11 @@ def _train_run_result(paths: SweepPaths, trial_id: str) -> Any | None:
 
     try:
         return ray.train.Result.from_path(paths.run_fs_path(trial_id), storage_filesystem=paths.fs)
-    except Exception as err:  # noqa: BLE001 - no run dir or no snapshot yet: the trial never checkpointed
+    except RuntimeError as err:
+        # No run folder or no checkpoint snapshot in it yet: the trial never checkpointed. Anything
+        # else (storage unreachable) propagates: a record must not claim "0 epochs" by mistake.
+        if "doesn't exist" not in str(err):
+            raise
         log.debug("tune: no Train run for trial %s: %s", trial_id, err)
         return None
 
