@@ -256,13 +256,15 @@ class JobSpec(_Section):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid job spec {source}:"]
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        # pydantic adds union-branch names (".int", ".literal['all']") to the path; users never wrote them.
+        parts = [str(p) for p in e["loc"] if not re.fullmatch(r"int|str|float|bool|literal\[.*\]|function-.*", str(p))]
+        field = ".".join(parts) or "(top level)"
         if e["type"] == "extra_forbidden":
             msg = "unknown field; check the spelling against `tltrain spec-fields`"
         elif e["type"] == "missing":
             msg = "required field is missing"
         else:
-            msg = e["msg"]
+            msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"  {field}: {msg}")
     return "\n".join(lines)
 
