@@ -14,6 +14,7 @@ import os
 # and Ray 2.60 turns token auth on for clusters started by `ray start`.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"  # no usage reports from test runs
 
 import shutil
 import socket

@@ -72,7 +72,13 @@ def run_train(spec: JobSpec, out: TextIO = sys.stdout) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     with _open_tracker(spec) as tracker:
         tracker.log_spec(spec.to_dict())
-        tracker.set_tags(_lineage_tags(spec, plan))
+        if spec.tracking.enabled:
+            from tltrain.tracking import lineage_tags
+
+            tracker.set_tags(lineage_tags(
+                spec.to_dict(), plan.fingerprint, source_weights_uri=str(plan.weights_uri),
+                source_weights_sha256=plan.weights_sha256, ray_run=spec.name,
+            ))
 
         def on_report(metrics: dict[str, Any], checkpoint_uri: str | None) -> None:
             progress.line(metrics)
@@ -86,7 +92,10 @@ def run_train(spec: JobSpec, out: TextIO = sys.stdout) -> dict[str, Any]:
         summary = _summary(spec, result, history)
         summary["mlflow_run_id"] = tracker.run_id
         tracker.log_final(result.best_checkpoint_uri, history)
-        if spec.tracking.registry_name and result.best_checkpoint_uri:
+        if spec.tracking.registry_name and not spec.tracking.enabled:
+            print("note: tracking.registry_name is set but tracking.enabled is false: not registered "
+                  "(run `tltrain register CHECKPOINT --name NAME` later)", file=out)
+        if spec.tracking.enabled and spec.tracking.registry_name and result.best_checkpoint_uri:
             from tltrain.registry import register_checkpoint
 
             version = register_checkpoint(
@@ -110,18 +119,6 @@ def _open_tracker(spec: JobSpec) -> Any:
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _lineage_tags(spec: JobSpec, plan: TrainPlan) -> dict[str, str]:
-    fp = plan.fingerprint
-    return {
-        "tltrain.run_name": spec.name,
-        "tltrain.source_weights_uri": str(plan.weights_uri),
-        "tltrain.source_weights_sha256": str(plan.weights_sha256),
-        "tltrain.dataset_classes": ",".join(plan.class_names)[:4000],
-        "tltrain.dataset_num_files": str(fp.get("num_files")),
-        "tltrain.dataset_sha256": str(fp.get("sha256")),
-    }
 
 
 def _summary(spec: JobSpec, result: Any, history: list[dict[str, Any]]) -> dict[str, Any]:
