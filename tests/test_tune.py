@@ -95,17 +95,32 @@ def ray_cluster(s3_server: str) -> Iterator[dict[str, str]]:
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)  # --block stops the cluster it started on SIGTERM
-            proc.wait(timeout=60)
+            proc.wait(timeout=5)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever of that session is left
+            os.killpg(proc.pid, signal.SIGKILL)  # the rest of the session we started, at once
         except ProcessLookupError:
             pass
+        proc.wait()
+        # Anything of this cluster that left the process group still names its private temp dir.
+        assert not _reap(_processes_mentioning(tmp), timeout_s=10), "Ray processes outlived the test cluster"
         log.close()
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _processes_mentioning(text: str) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.add(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 @pytest.fixture
@@ -146,6 +161,7 @@ def ray_driver(ray_cluster: dict[str, str]) -> Iterator[None]:
         ({"strategy.freeze_depth": {"randint": [0, 6]}}, "strategy.freeze_depth", "beyond test_resnet's 5 layer groups"),
         ({"strategy.freeze_depth": {"choice": [1, "all", 9]}}, "strategy.freeze_depth", "beyond"),
         ({"strategy.unfreeze.2": {"randint": [0, 7]}}, "strategy.unfreeze.2", "beyond"),
+        ({"strategy.unfreeze.9": {"randint": [0, 2]}}, "strategy.unfreeze.9", "loop.epochs"),
     ],
 )
 def test_bad_space_fails_before_any_trial(
@@ -172,6 +188,13 @@ def test_auto_and_inclusive_randint(fashion_folders: tuple[str, str], tmp_path: 
     assert space["strategy.freeze_depth"] == Dist("randint", (0, 5))
     drawn = {_ray_domain(space["strategy.freeze_depth"]).sample() for _ in range(300)}
     assert drawn == {0, 1, 2, 3, 4, 5}, "randint must include both ends"
+
+
+def test_unknown_metric_fails_before_any_trial(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
+    from tltrain.tune import run_tune
+
+    with pytest.raises(SpecError, match="tune.metric"):
+        run_tune(parse_spec(_tree(fashion_folders, str(tmp_path), "m", SPACE, metric="val/accuracy")))
 
 
 def test_no_tune_section(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
@@ -324,9 +347,10 @@ def _reap(pids: set[int], timeout_s: float = 60.0) -> set[int]:
     return left
 
 
-def _cli(spec_path: Path, *extra: str, env: dict[str, str]) -> subprocess.Popen:
+def _cli(spec_path: Path, *extra: str, env: dict[str, str], stderr: Any) -> subprocess.Popen:
+    # stdout: our progress lines and, last, the --json summary; Ray's own logs go to stderr.
     cmd = [sys.executable, "-m", "tltrain.cli", "tune", str(spec_path), "--json", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, bufsize=1)
 
 
 def test_kill_driver_then_resume(
@@ -337,16 +361,19 @@ def test_kill_driver_then_resume(
     from tltrain.tune import sweep_paths
 
     num_samples = 4
+    # ASHA's first rung at epoch 2: a trial that has reported epoch 1 cannot have been stopped yet.
     tree = _tree(fashion_folders, f"{s3_bucket}/sweeps", "killed", SPACE, num_samples=num_samples, seed=1)
+    tree["tune"]["scheduler"]["grace_epochs"] = 2
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(tree))
     paths = sweep_paths(load_spec(spec_path))
     env = ray_cluster  # drivers attach to the test's cluster via RAY_ADDRESS; it outlives them
     log_lines: list[str] = []
 
-    # Kill the driver once a trial has finished while another is part-way (so --resume has both a
-    # trial to keep and one to continue from its checkpoint), or at the latest when two finished.
-    proc = _cli(spec_path, env=env)
+    # Kill the driver once a trial has finished while another has checkpointed epoch 1 only (so
+    # --resume has a trial to keep and one to continue from its checkpoint).
+    err_log = open(tmp_path / "driver-stderr.log", "w")
+    proc = _cli(spec_path, env=env, stderr=err_log)
     done: list[str] = []
     partway: set[str] = set()
     deadline = time.monotonic() + 400
@@ -357,12 +384,12 @@ def test_kill_driver_then_resume(
             tid = line.split("]")[0].lstrip("[") if line.startswith("[") else None
             if tid and "] done:" in line:
                 done.append(tid)
-                partway.discard(tid)
-            elif tid and "] epoch " in line and not line.startswith(f"[{tid}] epoch {EPOCHS}/"):
-                partway.add(tid)
-            if (done and partway) or len(done) >= 2 or time.monotonic() > deadline:
+            if tid and "] epoch " in line:
+                (partway.add if line.startswith(f"[{tid}] epoch 1/") else partway.discard)(tid)
+            if (done and partway - set(done)) or time.monotonic() > deadline:
                 break
-        assert done, "".join(log_lines)
+        partway -= set(done)
+        assert done and partway, "".join(log_lines)
         children = _descendants(proc.pid)
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -383,8 +410,9 @@ def test_kill_driver_then_resume(
     )
     assert refused.returncode == 2 and "--resume" in refused.stderr, refused.stderr
 
-    resumed = _cli(spec_path, "--resume", env=env)
+    resumed = _cli(spec_path, "--resume", env=env, stderr=err_log)
     out, _ = resumed.communicate(timeout=500)
+    err_log.close()
     (tmp_path / "driver.log").write_text(before_kill + "--- resume ---\n" + out)
     assert resumed.returncode == 0, before_kill + "--- resume ---\n" + out
     summary = json.loads(out.strip().splitlines()[-1])
@@ -407,7 +435,7 @@ def test_kill_driver_then_resume(
     for tid in set(trials) - set(done):
         before_epochs, after_epochs = epochs_of(tid, before_kill), epochs_of(tid, out)
         if tid in partway:
-            assert after_epochs, f"trial {tid} was part-way at the kill and did not go on"
+            assert after_epochs and min(after_epochs) > 1, f"trial {tid} did not go on from epoch 1: {after_epochs}"
         if before_epochs and after_epochs:
             assert min(after_epochs) > max(before_epochs), f"trial {tid} repeated epochs: {before_epochs} then {after_epochs}"
     assert summary["best_metric"] == max(t["best_metric"] for t in trials.values())
