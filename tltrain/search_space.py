@@ -42,6 +42,11 @@ _FIXED = {
 }
 
 
+# Metrics loop.train reports every epoch that a search can rank trials by (keep in sync with it):
+# Tune stops the whole search at the first result that lacks the metric, so check it up front.
+SEARCHABLE_METRICS = ("val/acc", "val/loss", "train/loss", "img_per_s", "epoch_time_s", "data_wait_frac")
+
+
 @dataclass(frozen=True)
 class Dist:
     kind: str  # one of KINDS
@@ -189,6 +194,8 @@ def validate_space(spec: JobSpec, num_layer_groups: int) -> dict[str, Dist]:
     tune = spec.tune
     if not tune.space:
         raise SpecError("tune.space: empty; give at least one dotted spec path with a distribution")
+    if tune.metric not in SEARCHABLE_METRICS:
+        raise SpecError(f"tune.metric: {tune.metric!r} is not a reported metric (use one of {', '.join(SEARCHABLE_METRICS)})")
     if tune.scheduler.kind == "asha" and tune.scheduler.grace_epochs > spec.loop.epochs:
         raise SpecError(
             f"tune.scheduler.grace_epochs: {tune.scheduler.grace_epochs} is more than loop.epochs={spec.loop.epochs}"
@@ -213,6 +220,10 @@ def validate_space(spec: JobSpec, num_layer_groups: int) -> dict[str, Dist]:
             except SpecError as err:
                 detail = str(err).split("\n", 1)[-1].strip()
                 raise SpecError(f"tune.space.{key}: {value!r} is not a valid value ({detail})") from None
+        if key.startswith("strategy.unfreeze."):
+            epoch = key.rsplit(".", 1)[1]
+            if not epoch.isdigit() or int(epoch) >= spec.loop.epochs:
+                raise SpecError(f"tune.space.{key}: {epoch!r} is not an epoch before loop.epochs={spec.loop.epochs}")
         if _is_depth_key(key):
             too_deep = [v for v in dist.candidates() if v != "all" and isinstance(v, int) and v > num_layer_groups]
             if too_deep:

@@ -46,6 +46,8 @@ _RESUME_MAY_CHANGE = ("scaling.address", "tracking.", "data.cache_dir", "data.lo
 # Keys whose change alters the data plan (classes, samples, preprocessing or layer groups): such a
 # trial checks its own plan instead of reusing the driver's.
 _PLAN_KEYS = ("model.", "data.", "strategy.group_granularity", "loop.seed")
+# Marks a result that repeats an already finished trial's last epoch (see run_trial).
+_REPLAYED = "tltrain_replayed"
 
 
 # --- where a sweep lives ----------------------------------------------------------------------
@@ -140,7 +142,7 @@ def run_trial(config: dict[str, Any], spec_dict: dict[str, Any], plan_dict: dict
         last.setdefault("epoch", done.get("epochs", 0))
         if last.get(spec.tune.metric) is None:
             last[spec.tune.metric] = done.get("best_metric") if done.get("best_metric") is not None else math.nan
-        tune.report(last)
+        tune.report({**last, _REPLAYED: True})
         return
     tspec = trial_spec(spec, paths, trial_id, config)
     prior = _train_run_result(paths, trial_id)
@@ -148,7 +150,7 @@ def run_trial(config: dict[str, Any], spec_dict: dict[str, Any], plan_dict: dict
     if latest and (int(latest.get("epoch", 0)) >= tspec.loop.epochs or latest.get("stopped_early")):
         # Its Train run already ended (the driver died before recording it): training again would
         # report nothing, which Tune rejects; hand over the last epoch instead.
-        tune.report(dict(latest))
+        tune.report({**latest, _REPLAYED: True})
         return
     plan = TrainPlan(**plan_dict)
     if any(key.startswith(_PLAN_KEYS) for key in config):
@@ -269,6 +271,12 @@ class SweepCallback(tune.Callback):
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._call("on_done", trial.trial_id, dict(trial.config), _trial_error(trial))
 
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # Every trial of the search, restored ones included, by its real id (trial directory
+        # names can carry a suffix after a restore).
+        ended = [(t.trial_id, dict(t.config), _trial_error(t) if t.status == "ERROR" else None) for t in trials]
+        self._call("on_end", ended)
+
 
 def _trial_error(trial: Any) -> str:
     text = ""
@@ -291,9 +299,15 @@ class _SweepReporter:
         self.out = out
         self.parent = parent  # tracking.Tracker / NullTracker of the sweep
         self.records: dict[str, dict[str, Any]] = {}  # finished in this process
+        self.trials: list[tuple[str, dict[str, Any], str | None]] | None = None  # (id, config, error) at the end
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tltrain-tune")
 
+    def on_end(self, trials: list[tuple[str, dict[str, Any], str | None]]) -> None:
+        self.trials = trials
+
     def on_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if result.get(_REPLAYED):
+            return  # a trial recorded by an earlier driver, handing Tune its last epoch again
         assert self.spec.tune is not None
         metric = self.spec.tune.metric
         value = result.get(metric)
@@ -435,7 +449,8 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def _prepare_storage(spec: JobSpec, paths: SweepPaths, resume: bool) -> bool:
-    """Refuse to overwrite; on --resume check it is the same search. Returns True to restore."""
+    """Refuse to overwrite; on --resume check it is the same search. Returns True to restore
+    Tune's stored state, False to start the search (run_tune then records its spec)."""
     from ray.tune import Tuner
 
     restorable = Tuner.can_restore(paths.fs_path, storage_filesystem=paths.fs)
@@ -447,7 +462,6 @@ def _prepare_storage(spec: JobSpec, paths: SweepPaths, resume: bool) -> bool:
                 f"name: {what} named {spec.name!r} already exists at {paths.uri}; pass --resume to continue "
                 f"it, or choose a new name (--set name=...). Nothing was overwritten."
             )
-        _write_json(paths.spec_uri, spec.to_dict())
         return False
     if stored is None:
         if storage.exists(paths.uri):
@@ -633,24 +647,32 @@ def run_tune(spec: JobSpec, resume: bool = False, out: TextIO = sys.stdout) -> d
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec_dict=spec.to_dict(), plan_dict=plan.to_dict()), {"CPU": 0, "memory": 1}
     )
-    records: list[dict[str, Any]] = []
     with open_tracker(spec, run_name=spec.name, tags={"tltrain.kind": "sweep"}, resume=resume) as parent:
         parent.log_spec(spec.to_dict())
         reporter = _SweepReporter(spec, paths, out, parent)
         _LIVE[paths.uri] = reporter
         if restore:
             print(f"resuming {paths.uri}: finished trials are kept, the others continue", file=out, flush=True)
+        if not restore:
+            _write_json(paths.spec_uri, spec.to_dict())  # from here on the name is taken
         try:
             tuner = _tuner(spec, paths, trainable, param_space, concurrent, restore)
             grid = tuner.fit()
         finally:
             _LIVE.pop(paths.uri, None)
             reporter.close()
-        for result in grid:
-            # Trials that ended before a killed driver wrote their record, or whose record failed,
-            # get it now; the others come from this driver's or an earlier one's records.
-            error = str(result.error).strip().splitlines()[-1][:500] if result.error else None
-            records.append(reporter.finish(Path(result.path).name, dict(result.config or {}), error))
+        ended = reporter.trials
+        if ended is None:  # no end-of-experiment callback: fall back on the result grid
+            ended = [
+                (
+                    (r.metrics or {}).get("trial_id") or Path(r.path).name, dict(r.config or {}),
+                    str(r.error).strip().splitlines()[-1][:500] if r.error else None,
+                )
+                for r in grid
+            ]  # fmt: skip
+        # Trials that ended before a killed driver wrote their record, or whose record failed,
+        # get it now; the others come from this driver's or an earlier one's records.
+        records = [reporter.finish(trial_id, config, error) for trial_id, config, error in ended]
         summary = summarize(spec, records)
         best = next((r for r in records if r["trial_id"] == summary["best_trial_id"]), None)
         _track_sweep(parent, summary, best)
