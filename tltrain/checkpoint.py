@@ -7,7 +7,6 @@ a directory without it, or whose hashes disagree, is incomplete or corrupt and i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,6 +16,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from tltrain.storage import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,6 @@ MANIFEST_FILE = "MANIFEST.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete or corrupt."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -61,7 +54,7 @@ def save_checkpoint(
         torch.save(train_state, d / STATE_FILE)
         files.append(STATE_FILE)
     _write_atomic(d / META_FILE, json.dumps(meta, indent=2, sort_keys=True, default=str).encode())
-    manifest = {"files": {name: _sha256(d / name) for name in files}}
+    manifest = {"files": {name: sha256_file(d / name) for name in files}}
     _write_atomic(d / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
     return d
 
@@ -83,7 +76,7 @@ def verify_checkpoint(directory: str | Path, source: str | None = None) -> None:
         path = d / fname
         if not path.is_file():
             raise CheckpointError(f"checkpoint {name} is incomplete: {fname} is missing")
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise CheckpointError(f"checkpoint {name} is corrupt: {fname} does not match its sha256")
 
 
@@ -132,4 +125,4 @@ def load_train_state(
 
 def checkpoint_sha256(directory: str | Path) -> str:
     """One digest for the whole checkpoint: the hash of its manifest (which hashes every file)."""
-    return _sha256(Path(directory) / MANIFEST_FILE)
+    return sha256_file(Path(directory) / MANIFEST_FILE)

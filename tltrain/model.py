@@ -7,7 +7,6 @@ timm's `group_matcher` when the model has one, else from the model's top-level c
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 from dataclasses import dataclass
@@ -77,14 +76,6 @@ def head_param_names(model: nn.Module) -> set[str]:
         if hasattr(model, attr):
             return {f"{attr}.{n}" for n, _ in getattr(model, attr).named_parameters()}
     raise ModelError("cannot find the model's classification head")
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

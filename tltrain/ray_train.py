@@ -26,7 +26,7 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Empty, Queue
 
-from tltrain import storage
+from tltrain import __version__, storage
 from tltrain.checkpoint import (
     MANIFEST_FILE,
     META_FILE,
@@ -185,7 +185,7 @@ def worker_fn(config: dict[str, Any]) -> None:
         "source_weights_sha256": plan.weights_sha256,
         "dataset_fingerprint": plan.fingerprint,
         "layer_groups": plan.layer_group_names,
-        "tltrain_version": _version(),
+        "tltrain_version": __version__,
         # Checkpoints found corrupt or incomplete on restore, carried forward in every later
         # checkpoint so that `fit` never picks one of them as the best.
         INVALID_CHECKPOINTS_KEY: sorted(set((resume.meta.get(INVALID_CHECKPOINTS_KEY, []) if resume else []) + rejected)),
@@ -202,18 +202,11 @@ def worker_fn(config: dict[str, Any]) -> None:
     )
 
 
-def _version() -> str:
-    from tltrain import __version__
-
-    return __version__
-
-
 class _ForwardReports(UserCallback):
     """Runs in the Train controller: forwards rank 0's metrics (+ checkpoint path) to the driver."""
 
-    def __init__(self, queue: Queue, storage_uri: str) -> None:
+    def __init__(self, queue: Queue) -> None:
         self.queue = queue
-        self.storage_uri = storage_uri
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         path = checkpoint.path if checkpoint is not None else None
@@ -225,7 +218,6 @@ class FitResult:
     best_checkpoint_uri: str | None
     best_metrics: dict[str, Any] | None
     latest_metrics: dict[str, Any] | None
-    run_path: str
     error: BaseException | None
 
 
@@ -279,7 +271,7 @@ def fit(spec: JobSpec, plan: TrainPlan, on_report: OnReport) -> FitResult:
     """Run the training job; `on_report(metrics, checkpoint_uri)` is called on the driver per epoch."""
     ensure_ray(spec.scaling.address)
     queue: Queue = Queue()
-    trainer = build_trainer(spec, plan, [_ForwardReports(queue, spec.storage.uri)])
+    trainer = build_trainer(spec, plan, [_ForwardReports(queue)])
 
     def drain(block_s: float) -> None:
         try:
@@ -300,16 +292,13 @@ def fit(spec: JobSpec, plan: TrainPlan, on_report: OnReport) -> FitResult:
         except Exception as err:  # TrainingFailedError: reported with the partial result below
             result, error = None, err
     queue.shutdown()
-    _, storage_path = storage.pyarrow_filesystem(spec.storage.uri)
-    run_path = f"{storage_path}/{spec.name}"
     if result is None:
-        return FitResult(None, None, None, run_path, error)
+        return FitResult(None, None, None, error)
     best, best_metrics = _best_valid_checkpoint(spec, result)
     return FitResult(
         best_checkpoint_uri=checkpoint_uri(spec.storage.uri, best.path) if best else None,
         best_metrics=best_metrics,
         latest_metrics=result.metrics,
-        run_path=run_path,
         error=error,
     )
 

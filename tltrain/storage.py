@@ -507,9 +507,6 @@ def ensure_bucket(uri: str) -> None:
             raise
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(_local(path), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def sha256_file(path: str | Path) -> str:
+    with open(_local(str(path)), "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
