@@ -635,7 +635,7 @@ def test_best_checkpoint_skips_ones_a_restore_rejected(tmp_path: Path) -> None:
 
     import ray.train
 
-    from tltrain.ray_train import INVALID_CHECKPOINTS_KEY, _best_valid_checkpoint
+    from tltrain.ray_train import INVALID_CHECKPOINTS_KEY, best_checkpoint
 
     spec, _run, (c1, c2, c3, c4) = _local_run(tmp_path)
     meta = json.loads((c4 / "meta.json").read_text())
@@ -646,8 +646,8 @@ def test_best_checkpoint_skips_ones_a_restore_rejected(tmp_path: Path) -> None:
         checkpoint=ckpt[c4],
         best_checkpoints=[(ckpt[c1], {"val/acc": 0.5}), (ckpt[c3], {"val/acc": 0.9}), (ckpt[c4], {"val/acc": 0.7})],
     )
-    best, metrics = _best_valid_checkpoint(spec, result)
-    assert best.path == str(c4) and metrics == {"val/acc": 0.7}
+    best, metrics = best_checkpoint(result, spec.storage.uri, spec.storage.metric, spec.storage.mode)
+    assert best == str(c4) and metrics == {"val/acc": 0.7}
 
 
 @pytest.mark.integration

@@ -17,43 +17,29 @@ def _emit_json(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, default=str), flush=True)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+# The spec commands return their summary; main() prints it as JSON with --json.
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from tltrain.driver import run_train
 
-    spec = load_spec(args.spec, args.set)
-    summary = run_train(spec)
-    if args.json:
-        _emit_json(summary)
-    return 0
+    return run_train(load_spec(args.spec, args.set))
 
 
-def cmd_tune(args: argparse.Namespace) -> int:
+def cmd_tune(args: argparse.Namespace) -> dict[str, Any]:
     from tltrain.tune import run_tune
 
-    spec = load_spec(args.spec, args.set)
-    summary = run_tune(spec, resume=args.resume)
-    if args.json:
-        _emit_json(summary)
-    return 0
+    return run_tune(load_spec(args.spec, args.set), resume=args.resume)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from tltrain.demo import run_demo
 
-    summary = run_demo(args.set, quick=args.quick)
-    if args.json:
-        _emit_json(summary)
-    return 0
+    return run_demo(args.set, quick=args.quick)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from tltrain.bench import run_bench
 
-    spec = load_spec(args.spec, args.set)
-    summary = run_bench(spec, steps=args.steps)
-    if args.json:
-        _emit_json(summary)
-    return 0
+    return run_bench(load_spec(args.spec, args.set), steps=args.steps)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -135,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     # The hub is unreachable offline and timm/HF retry for ~50 s: fail fast unless the user opts in.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        return int(args.func(args) or 0)
+        result = args.func(args)
+        if isinstance(result, dict):
+            if args.json:
+                _emit_json(result)
+            return 0
+        return int(result or 0)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

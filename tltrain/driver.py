@@ -83,7 +83,7 @@ def run_train(spec: JobSpec, out: TextIO = sys.stdout) -> dict[str, Any]:
         def on_report(metrics: dict[str, Any], checkpoint_uri: str | None) -> None:
             progress.line(metrics)
             history.append(metrics)
-            tracker.log_epoch(_numeric(metrics), step=int(metrics["epoch"]))
+            tracker.log_epoch(metrics, step=int(metrics["epoch"]))
 
         result = fit(spec, plan, on_report)
         if result.error is not None:
@@ -115,10 +115,6 @@ def _open_tracker(spec: JobSpec) -> Any:
     from tltrain.tracking import open_tracker
 
     return open_tracker(spec, run_name=spec.name)
-
-
-def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _summary(spec: JobSpec, result: Any, history: list[dict[str, Any]]) -> dict[str, Any]:

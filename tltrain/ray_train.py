@@ -294,39 +294,42 @@ def fit(spec: JobSpec, plan: TrainPlan, on_report: OnReport) -> FitResult:
     queue.shutdown()
     if result is None:
         return FitResult(None, None, None, error)
-    best, best_metrics = _best_valid_checkpoint(spec, result)
+    best_uri, best_metrics = best_checkpoint(result, spec.storage.uri, spec.storage.metric, spec.storage.mode)
     return FitResult(
-        best_checkpoint_uri=checkpoint_uri(spec.storage.uri, best.path) if best else None,
+        best_checkpoint_uri=best_uri,
         best_metrics=best_metrics,
         latest_metrics=result.metrics,
         error=error,
     )
 
 
-def _invalid_checkpoints(spec: JobSpec, latest: Any) -> set[str]:
+def _invalid_checkpoints(storage_uri: str, latest: Any) -> set[str]:
     """URIs that a restore of this run found corrupt or incomplete (recorded in the latest meta)."""
     if latest is None:
         return set()
     with tempfile.TemporaryDirectory(prefix="tltrain-meta-") as directory:
         local = f"{directory}/{META_FILE}"
         try:
-            storage.download_file(f"{checkpoint_uri(spec.storage.uri, latest.path)}/{META_FILE}", local)
+            storage.download_file(f"{checkpoint_uri(storage_uri, latest.path)}/{META_FILE}", local)
             return set(json.loads(Path(local).read_text()).get(INVALID_CHECKPOINTS_KEY, []))
         except Exception as err:  # a missing meta must not fail a finished run; just skip the filter
             log.warning("could not read %s of the latest checkpoint: %s", META_FILE, err)
             return set()
 
 
-def _best_valid_checkpoint(spec: JobSpec, result: Any) -> tuple[Any, dict[str, Any] | None]:
-    """Ray's best checkpoint by storage.metric, leaving out any that a restore rejected as corrupt
-    (Ray still ranks those: it cannot know that a file changed after the upload)."""
-    invalid = _invalid_checkpoints(spec, result.checkpoint) if result.best_checkpoints else set()
-    ranked = [
-        (c, m) for c, m in result.best_checkpoints
-        if isinstance(m.get(spec.storage.metric), (int, float))
-        and checkpoint_uri(spec.storage.uri, c.path) not in invalid
-    ]
-    if not ranked:
+def best_checkpoint(result: Any, storage_uri: str, metric: str, mode: str) -> tuple[str | None, dict[str, Any] | None]:
+    """(URI, metrics) of a Train run's best checkpoint by `metric` that is still complete in storage
+    (`keep` may have deleted it) and that no restore rejected as corrupt (Ray still ranks those: it
+    cannot know that a file changed after the upload). Used by `train` and by each Tune trial."""
+    if not result.best_checkpoints:
         return None, None
-    pick = max if spec.storage.mode == "max" else min
-    return pick(ranked, key=lambda cm: cm[1][spec.storage.metric])
+    invalid = _invalid_checkpoints(storage_uri, result.checkpoint)
+    ranked = sorted(
+        ((c, m) for c, m in result.best_checkpoints if isinstance(m.get(metric), (int, float))),
+        key=lambda cm: cm[1][metric], reverse=mode == "max",
+    )
+    for ckpt, metrics in ranked:
+        uri = checkpoint_uri(storage_uri, ckpt.path)
+        if uri not in invalid and storage.exists(f"{uri}/{MANIFEST_FILE}"):
+            return uri, metrics
+    return None, None

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import numbers
 import os
 import re
@@ -254,7 +255,8 @@ class Tracker(NullTracker):
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    # MLflow takes finite numbers only; lists (per-class accuracy) and flags are not metrics.
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _read_meta(checkpoint: str, tmp: Path) -> dict[str, Any] | None:

@@ -36,7 +36,7 @@ from ray import tune
 from tltrain import storage
 from tltrain.config import JobSpec, SpecError
 from tltrain.preflight import TrainPlan, build_plan
-from tltrain.ray_train import build_trainer, checkpoint_uri, ensure_ray
+from tltrain.ray_train import best_checkpoint, build_trainer, checkpoint_uri, ensure_ray
 from tltrain.search_space import Dist, apply_config, plain, validate_space
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def _train_run_result(paths: SweepPaths, trial_id: str) -> Any | None:
 def _read_train_run(paths: SweepPaths, trial_id: str, metric: str, mode: str) -> tuple[list[dict[str, Any]], str | None, float | None]:
     """(epoch history, best existing checkpoint URI, that checkpoint's metric) of a trial's Train run;
     ([], None, None) when it never saved a checkpoint."""
-    from tltrain.checkpoint import MANIFEST_FILE, META_FILE
+    from tltrain.checkpoint import META_FILE
 
     result = _train_run_result(paths, trial_id)
     if result is None:
@@ -194,14 +194,8 @@ def _read_train_run(paths: SweepPaths, trial_id: str, metric: str, mode: str) ->
     if result.checkpoint is not None:
         meta = _read_json(f"{checkpoint_uri(paths.uri, result.checkpoint.path)}/{META_FILE}") or {}
         history = list((meta.get("loop_state") or {}).get("history") or [])
-    # The best by the search metric, as long as `storage.keep` has not deleted it.
-    ranked = [(c, m) for c, m in result.best_checkpoints if isinstance(m.get(metric), (int, float))]
-    ranked.sort(key=lambda cm: cm[1][metric], reverse=mode == "max")
-    for ckpt, metrics in ranked:
-        uri = checkpoint_uri(paths.uri, ckpt.path)
-        if storage.exists(f"{uri}/{MANIFEST_FILE}"):
-            return history, uri, float(metrics[metric])
-    return history, None, None
+    best_uri, best_metrics = best_checkpoint(result, paths.uri, metric, mode)
+    return history, best_uri, float(best_metrics[metric]) if best_metrics else None
 
 
 def build_record(
@@ -364,13 +358,6 @@ def _describe(record: dict[str, Any], spec: JobSpec) -> str:
     ) + f" after {record['epochs']} epoch(s){stop}, {record['cost_worker_s']:.1f} worker-s"
 
 
-def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
-    return {
-        k: float(v) for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-    }  # fmt: skip
-
-
 def _track_trial(spec: JobSpec, paths: SweepPaths, parent: Any, record: dict[str, Any]) -> None:
     """A nested MLflow child run for a finished trial: its spec, sampled values, every epoch's
     metrics, cost and best checkpoint report. A failed trial's child ends FAILED (and is resumed,
@@ -390,7 +377,7 @@ def _track_trial(spec: JobSpec, paths: SweepPaths, parent: Any, record: dict[str
     with open_tracker(tspec, parent_run_id=parent.run_id, run_name=record["run_name"], tags=tags) as child:
         child.log_spec(tspec.to_dict())
         for row in record["history"]:
-            child.log_epoch(_numeric(row), step=int(row["epoch"]))
+            child.log_epoch(row, step=int(row["epoch"]))
         child.log_epoch({"cost_worker_s": record["cost_worker_s"], "epochs": record["epochs"]}, step=record["epochs"])
         child.log_final(record["best_checkpoint"], record["history"])
         child.end("FAILED" if record["status"] == "ERROR" else "FINISHED")
