@@ -53,6 +53,8 @@ class DatasetPlan:
     val: list[Sample]
     skipped: list[tuple[str, str]]
     fingerprint: dict[str, Any]  # class_names, num_files, sha256 of sorted (relative path, size)
+    train_root: str  # the local directories that were scanned (cache copies for s3:// roots)
+    val_root: str
 
 
 def cache_dir_for(uri: str, cache_dir: str = f"{DEFAULT_STORE_DIR}/cache") -> str:
@@ -226,7 +228,8 @@ def plan_dataset(data: DataSpec, seed: int) -> DatasetPlan:
             items = sorted(_rng(seed, "cap", name).sample(items, data.max_images_per_class))
         train.extend(items)
     skipped = train_idx.skipped + (indexes["val"].skipped if "val" in indexes else [])
-    return DatasetPlan(classes, train, val, skipped, _fingerprint(indexes, classes))
+    val_root = indexes["val"].root if "val" in indexes else train_idx.root
+    return DatasetPlan(classes, train, val, skipped, _fingerprint(indexes, classes), train_idx.root, val_root)
 
 
 def _to_uint8(arr: np.ndarray, nominal_max: float | None) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any
 
 from tltrain import storage
 from tltrain.config import JobSpec, SpecError, expand_path
-from tltrain.data import DataError, localize, plan_dataset, resolve_data_config
+from tltrain.data import DataError, plan_dataset, resolve_data_config
 
 
 @dataclass
@@ -122,14 +122,12 @@ def build_plan(spec: JobSpec) -> TrainPlan:
         raise SpecError(str(err)) from None
     groups = layer_groups(probe, coarse=spec.strategy.group_granularity == "coarse")
     _check_depths(spec, len(groups) - 1)
-    train_root = localize(spec.data.train, spec.data.cache_dir)
-    val_root = localize(spec.data.val, spec.data.cache_dir) if spec.data.val else train_root
     return TrainPlan(
         class_names=dataset.class_names,
         train=[(p, y) for p, y in dataset.train],
         val=[(p, y) for p, y in dataset.val],
-        train_root=train_root,
-        val_root=val_root,
+        train_root=dataset.train_root,
+        val_root=dataset.val_root,
         data_config=resolve_data_config(probe, spec.data.image_size),
         num_layer_groups=len(groups) - 1,
         layer_group_names=[g.name for g in groups],

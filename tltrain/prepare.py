@@ -95,15 +95,15 @@ def _prepare_path(path: str) -> np.ndarray:
 
 def _folder_samples(spec: JobSpec) -> tuple[Any, dict[str, tuple[str, list[Sample]]]]:
     """The dataset plan (uncapped) and, per split, (folder root, every image of that folder)."""
-    from tltrain.data import localize, plan_dataset
+    from tltrain.data import plan_dataset
 
     data = spec.data.model_copy(update={"max_images_per_class": None})
     plan = plan_dataset(data, spec.loop.seed)
-    train_root = localize(spec.data.train, spec.data.cache_dir)
+    train_root = plan.train_root
     splits: dict[str, tuple[str, list[Sample]]] = {}
     if spec.data.val is not None:
         splits["train"] = (train_root, sorted(plan.train, key=lambda s: (s[1], s[0])))
-        splits["val"] = (localize(spec.data.val, spec.data.cache_dir), sorted(plan.val, key=lambda s: (s[1], s[0])))
+        splits["val"] = (plan.val_root, sorted(plan.val, key=lambda s: (s[1], s[0])))
     else:  # val_fraction: both halves live in the train folder
         splits["train"] = (train_root, sorted(plan.train + plan.val, key=lambda s: (s[1], s[0])))
     return plan, splits
