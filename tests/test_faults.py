@@ -27,7 +27,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tltrain import storage
+from tltrain import storage, storage_retry
 from tltrain.checkpoint import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -675,7 +675,7 @@ def test_upload_retries_through_an_outage_and_gives_up_on_refusals(
         # Down for 4 s: the upload waits it out (logging each retry) and completes.
         proxy.down_for(4.0)
         t0 = time.monotonic()
-        with caplog.at_level("WARNING", logger="tltrain.storage"):
+        with caplog.at_level("WARNING", logger="tltrain.storage_retry"):
             storage.upload_tree(str(ckpt), f"{s3_bucket}/run/c", last=[MANIFEST_FILE], retry_s=60)
         assert time.monotonic() - t0 >= 3.0
         assert any("storage unavailable" in r.getMessage() for r in caplog.records)
@@ -687,7 +687,7 @@ def test_upload_retries_through_an_outage_and_gives_up_on_refusals(
         t0 = time.monotonic()
         with pytest.raises(Exception) as err:
             storage.upload_tree(str(ckpt), f"{s3_bucket}/run/d", retry_s=2)
-        assert storage._is_transient(err.value) and time.monotonic() - t0 < 8.0
+        assert storage_retry._is_transient(err.value) and time.monotonic() - t0 < 8.0
         time.sleep(max(0.0, 8.5 - (time.monotonic() - t0)))
         # A refusal (no such bucket) is not retried.
         t0 = time.monotonic()
@@ -713,7 +713,7 @@ def test_rays_filesystem_rides_out_an_outage(
         with fs.open_output_stream(f"{base}/before.json") as out:
             out.write(b"{}")
         proxy.down_for(4.0)
-        with caplog.at_level("WARNING", logger="tltrain.storage"):
+        with caplog.at_level("WARNING", logger="tltrain.storage_retry"):
             with fs.open_output_stream(f"{base}/run/snapshot.json") as out:
                 out.write(b'{"latest": 1}')
         assert any("storage unavailable" in r.getMessage() for r in caplog.records)

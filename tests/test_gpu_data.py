@@ -262,7 +262,7 @@ def test_gpu_shards_match_the_cpu_path(jpeg_folder: str, tmp_path: Path) -> None
 @pytest.mark.gpu
 @cuda
 def test_gpu_nvjpeg_matches_the_cpu_path(jpeg_folder: str, tmp_path: Path) -> None:
-    from tltrain.gpu_data import build_nvjpeg_loaders
+    from tltrain.nvjpeg_data import build_nvjpeg_loaders
 
     spec = _gpu_spec(jpeg_folder, str(tmp_path), decode="nvjpeg")
     plan = build_plan(spec)

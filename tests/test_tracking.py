@@ -14,7 +14,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage pings from
 
 from mlflow import MlflowClient  # noqa: E402
 
-from tltrain import tracking  # noqa: E402
+from tltrain import report, tracking  # noqa: E402
 from tltrain.config import JobSpec, parse_spec  # noqa: E402
 
 CLASSES = ["cat", "dog", "fox"]
@@ -97,16 +97,16 @@ def test_flatten_spec_drops_secret_sections_and_masks_urls(monkeypatch: pytest.M
 
 
 def test_classification_report_matches_hand_computation() -> None:
-    rep = tracking.classification_report(CONFUSION, CLASSES)
+    rep = report.classification_report(CONFUSION, CLASSES)
     assert rep["cat"]["precision"] == pytest.approx(8 / 9)
     assert rep["cat"]["recall"] == pytest.approx(8 / 10)
     assert rep["dog"]["f1"] == pytest.approx(2 * (7 / 9) * (7 / 10) / (7 / 9 + 7 / 10))
     assert rep["fox"]["support"] == 10
     assert rep["accuracy"] == pytest.approx(25 / 30)
     assert rep["macro avg"]["recall"] == pytest.approx((0.8 + 0.7 + 1.0) / 3)
-    assert "accuracy" in tracking.format_report(rep)
+    assert "accuracy" in report.format_report(rep)
     with pytest.raises(ValueError):
-        tracking.classification_report([[1, 2]], CLASSES)
+        report.classification_report([[1, 2]], CLASSES)
 
 
 def test_run_logs_spec_metrics_and_final_report(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Data paths that keep a GPU fed: the CPU only moves bytes, the worker's device crops and normalizes.
 
-Two loaders, chosen by the spec and built here for `ray_train.worker_fn`:
+This module owns the pieces both device paths share (the device-side augmentation, `DeviceLoader`,
+the samplers) and the shard path, built here for `ray_train.worker_fn`:
 
 - `data.format: shards` reads the uint8 arrays written once by `tltrain prepare` (each image decoded,
   its shorter side resized to floor(image_size / crop_pct) exactly as the CPU eval transform does,
@@ -8,9 +9,8 @@ Two loaders, chosen by the spec and built here for `ray_train.worker_fn`:
   device a random-resized-crop (one `roi_align` over the batch), flip and normalize produce images
   in the autocast dtype, channels_last. Evaluation takes the centre crop, which is pixel for pixel
   the CPU eval transform.
-- `data.decode: nvjpeg` keeps the ImageFolder: loader workers read file bytes, JPEGs decode with
-  nvJPEG on the GPU (`torchvision.io.decode_jpeg(device="cuda")`), then crop/resize per image there.
-  Non-JPEG files and EXIF-rotated photos decode on the CPU worker as before.
+- `data.decode: nvjpeg` (nvjpeg_data.py) keeps the ImageFolder and decodes JPEGs on the GPU, then
+  crops/resizes per image with `DeviceAugment.images`.
 
 Both yield `(images, labels)` already on the device, copied and augmented one batch ahead on a side
 CUDA stream, and expose `sampler` (with `set_epoch`) and `len` like a DataLoader, so `loop.train`
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 from tltrain.config import JobSpec
-from tltrain.data import DataError, Sample, load_rgb, localize
+from tltrain.data import DataError, Sample, localize
 
 INDEX_FILE = "index.json"
 FORMAT_NAME = "tltrain-shards"
@@ -43,7 +43,6 @@ GEOMETRY_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation")
 # The CPU path's "light" augmentation (data.build_transform): random-resized-crop scale and ratio, flip.
 LIGHT_SCALE = (0.5, 1.0)
 LIGHT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-JPEG_MAGIC = b"\xff\xd8\xff"
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -263,7 +262,7 @@ class DeviceLoader:
 PREFETCH_BATCHES = 2
 
 
-def _loader(dataset: Dataset, batch_sampler: Any, workers: int, collate: Callable | None, device: torch.device) -> DataLoader:
+def host_loader(dataset: Dataset, batch_sampler: Any, workers: int, collate: Callable | None, device: torch.device) -> DataLoader:
     kwargs: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
     if workers > 0:
         kwargs["prefetch_factor"] = PREFETCH_BATCHES
@@ -273,7 +272,7 @@ def _loader(dataset: Dataset, batch_sampler: Any, workers: int, collate: Callabl
     return DataLoader(dataset, sampler=batch_sampler, batch_size=None, **kwargs)
 
 
-def _train_sampler(n: int, batch: int, rank: int, world_size: int, seed: int) -> tuple[DistributedSampler, BatchSampler]:
+def train_sampler(n: int, batch: int, rank: int, world_size: int, seed: int) -> tuple[DistributedSampler, BatchSampler]:
     per_rank = n // world_size
     if per_rank < batch:
         raise DataError(
@@ -285,7 +284,7 @@ def _train_sampler(n: int, batch: int, rank: int, world_size: int, seed: int) ->
     return sampler, BatchSampler(sampler, batch, drop_last=True)
 
 
-def _eval_sampler(n: int, batch: int) -> BatchSampler:
+def eval_sampler(n: int, batch: int) -> BatchSampler:
     return BatchSampler(SequentialSampler(range(n)), batch, drop_last=False)
 
 
@@ -386,7 +385,7 @@ def build_shard_loaders(
     val_rows = shard_rows(index, val_split, val_rel, "data.val")
 
     train_ds = ShardBatches(root, index["splits"]["train"], train_rows, np.array([y for _, y in train_rel], dtype=np.int64))
-    sampler, batches = _train_sampler(len(train_ds), batch, rank, world_size, seed)
+    sampler, batches = train_sampler(len(train_ds), batch, rank, world_size, seed)
     train_aug = build_augment(spec, plan.data_config, True, device, seed * 65537 + rank)
 
     def train_to_device(host: Batch) -> Batch:
@@ -402,88 +401,6 @@ def build_shard_loaders(
         images, labels = host
         return val_aug.squares(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
 
-    train = DeviceLoader(_loader(train_ds, batches, workers, None, device), sampler, train_to_device, device)
-    val = DeviceLoader(_loader(val_ds, _eval_sampler(len(val_ds), batch), workers, None, device), None, val_to_device, device)
-    return train, val
-
-
-# --- nvjpeg ------------------------------------------------------------------------------------------
-
-
-def _exif_rotated(path: str) -> bool:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.getexif().get(0x0112, 1) not in (1, None)  # Orientation; reads the header only
-    except Exception:
-        return True  # let the CPU decoder report it
-
-
-class FileBytes(Dataset):
-    """(encoded bytes, label) for baseline JPEGs the GPU can decode as they are; anything else
-    (PNG, CMYK, EXIF-rotated) decoded here on the CPU to uint8 [3, H, W]."""
-
-    def __init__(self, samples: Sequence[Sample]) -> None:
-        self.samples = list(samples)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool, int]:
-        path, label = self.samples[i]
-        with open(path, "rb") as f:
-            data = f.read()
-        if data[:3] == JPEG_MAGIC and not _exif_rotated(path):
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), True, label
-        rgb = np.asarray(load_rgb(path), dtype=np.uint8)
-        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous(), False, label
-
-
-def _collate_bytes(items: list[tuple[torch.Tensor, bool, int]]) -> tuple[list[torch.Tensor], list[bool], torch.Tensor]:
-    return [t for t, _, _ in items], [e for _, e, _ in items], torch.tensor([y for _, _, y in items], dtype=torch.int64)
-
-
-def decode_on_device(tensors: list[torch.Tensor], encoded: list[bool], device: torch.device) -> list[torch.Tensor]:
-    """uint8 [3, H, W] images on `device`: nvJPEG for the encoded ones (one batched call)."""
-    import torchvision.io as tio
-
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    enc = [i for i, e in enumerate(encoded) if e]
-    if enc:
-        try:
-            decoded = tio.decode_jpeg([tensors[i] for i in enc], mode=tio.ImageReadMode.RGB, device=device)
-        except RuntimeError:  # a JPEG nvJPEG refuses (CMYK, lossless...): decode those on CPU
-            decoded = [tio.decode_image(tensors[i], mode=tio.ImageReadMode.RGB).to(device) for i in enc]
-        for i, im in zip(enc, decoded):
-            out[i] = im
-    for i, e in enumerate(encoded):
-        if not e:
-            out[i] = tensors[i].to(device, non_blocking=True)
-    return [t for t in out if t is not None]
-
-
-def build_nvjpeg_loaders(
-    spec: JobSpec, plan: Any, train_samples: Sequence[Sample], val_samples: Sequence[Sample],
-    rank: int, world_size: int, device: torch.device,
-) -> tuple[DeviceLoader, DeviceLoader]:
-    """ImageFolder loaders whose workers only read bytes (samples: this node's paths)."""
-    if device.type != "cuda":
-        raise DataError("data.decode nvjpeg needs a GPU worker (scaling.use_gpu: true); use data.decode cpu")
-    batch, seed, workers = spec.scaling.batch_size_per_worker, spec.loop.seed, spec.data.loader_workers
-    train_ds = FileBytes(train_samples)
-    sampler, batches = _train_sampler(len(train_ds), batch, rank, world_size, seed)
-    train_aug = build_augment(spec, plan.data_config, True, device, seed * 65537 + rank)
-    val_ds = FileBytes(list(val_samples)[rank::world_size])
-    val_aug = build_augment(spec, plan.data_config, False, device, seed)
-
-    def make(aug: DeviceAugment) -> Callable[[Any], Batch]:
-        def to_device(host: Any) -> Batch:
-            tensors, encoded, labels = host
-            return aug.images(decode_on_device(tensors, encoded, device)), labels.to(device, non_blocking=True)
-
-        return to_device
-
-    train = DeviceLoader(_loader(train_ds, batches, workers, _collate_bytes, device), sampler, make(train_aug), device)
-    val = DeviceLoader(_loader(val_ds, _eval_sampler(len(val_ds), batch), workers, _collate_bytes, device), None, make(val_aug), device)
+    train = DeviceLoader(host_loader(train_ds, batches, workers, None, device), sampler, train_to_device, device)
+    val = DeviceLoader(host_loader(val_ds, eval_sampler(len(val_ds), batch), workers, None, device), None, val_to_device, device)
     return train, val

@@ -26,7 +26,7 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Empty, Queue
 
-from tltrain import __version__, storage
+from tltrain import __version__, storage, storage_retry
 from tltrain.checkpoint import (
     MANIFEST_FILE,
     META_FILE,
@@ -66,7 +66,7 @@ def restore_candidates(latest_uri: str) -> list[str]:
     order; only folders older than Ray's latest are fallbacks (a newer folder is an upload that
     Ray never registered)."""
     run_uri, _, latest_name = latest_uri.rstrip("/").rpartition("/")
-    listing = storage.with_retries(lambda: storage.list_files(run_uri), f"list {run_uri}", storage.OUTAGE_RETRY_S)
+    listing = storage_retry.with_retries(lambda: storage.list_files(run_uri), f"list {run_uri}", storage_retry.OUTAGE_RETRY_S)
     names = {rel.split("/", 1)[0] for rel in listing if "/" in rel}
     older = sorted((n for n in names if n.startswith(CHECKPOINT_PREFIX) and n < latest_name), reverse=True)
     return [latest_uri] + [f"{run_uri}/{n}" for n in older]
@@ -83,8 +83,8 @@ def _restore(model: torch.nn.Module, spec: JobSpec, rank: int) -> tuple[Resume |
     for uri in candidates:
         with tempfile.TemporaryDirectory(prefix="tltrain-restore-") as directory:
             try:
-                storage.with_retries(
-                    lambda: storage.download_tree(uri, directory), f"download {uri}", storage.OUTAGE_RETRY_S
+                storage_retry.with_retries(
+                    lambda: storage.download_tree(uri, directory), f"download {uri}", storage_retry.OUTAGE_RETRY_S
                 )
                 verify_checkpoint(directory, source=uri)
                 model_state = load_model_state(directory, source=uri)
@@ -113,7 +113,7 @@ def _upload_fn(spec: JobSpec) -> Callable[[ray.train.Checkpoint, str], ray.train
     """Ray's checkpoint_upload_fn: our upload instead of Ray's pyarrow copy, for two reasons.
     MANIFEST.json goes up only after every other file, so a checkpoint in storage is complete or
     has no manifest (never loaded); and each file is retried through storage outages for up to
-    storage.OUTAGE_RETRY_S (Ray retries its own copy 3 times within ~3 s, and only for some errors).
+    storage_retry.OUTAGE_RETRY_S (Ray retries its own copy 3 times within ~3 s, and only for some errors).
     Rank 0 blocks here while the other ranks wait at their next collective, so training resumes
     in step once the store is back."""
 
@@ -122,7 +122,7 @@ def _upload_fn(spec: JobSpec) -> Callable[[ray.train.Checkpoint, str], ray.train
         fs_path = ray_storage.build_checkpoint_path_from_name(dir_name)
         storage.upload_tree(
             checkpoint.path, checkpoint_uri(spec.storage.uri, fs_path),
-            last=[MANIFEST_FILE], retry_s=storage.OUTAGE_RETRY_S,
+            last=[MANIFEST_FILE], retry_s=storage_retry.OUTAGE_RETRY_S,
         )
         return ray.train.Checkpoint(path=fs_path, filesystem=ray_storage.storage_filesystem)
 
@@ -163,7 +163,7 @@ def worker_fn(config: dict[str, Any]) -> None:
         val_samples = _rebase(plan.val, plan.val_root, val_root)
         batch = spec.scaling.batch_size_per_worker
         if spec.data.decode == "nvjpeg":
-            from tltrain.gpu_data import build_nvjpeg_loaders
+            from tltrain.nvjpeg_data import build_nvjpeg_loaders
 
             train_loader, val_loader = build_nvjpeg_loaders(
                 spec, plan, train_samples, val_samples, rank, world_size, device
@@ -237,7 +237,7 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
 def build_trainer(spec: JobSpec, plan: TrainPlan, callbacks: list[Any], name: str | None = None) -> TorchTrainer:
     # The retrying wrapper: Ray's controller writes its run snapshot right after each checkpoint,
     # and a storage outage at that moment would otherwise fail the run with a ControllerError.
-    filesystem, storage_path = storage.pyarrow_filesystem(spec.storage.uri, retry_s=storage.OUTAGE_RETRY_S)
+    filesystem, storage_path = storage.pyarrow_filesystem(spec.storage.uri, retry_s=storage_retry.OUTAGE_RETRY_S)
     if not storage.is_s3(spec.storage.uri):
         Path(storage_path).mkdir(parents=True, exist_ok=True)
     # Ray Train moves workers into a per-run directory unless this is off; relative data and

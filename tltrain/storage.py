@@ -1,4 +1,5 @@
-"""URIs and object storage: the only module that imports boto3 and pyarrow.fs.
+"""URIs and object storage: with storage_retry.py (its outage policy), the only module that
+imports boto3 and pyarrow.fs.
 
 Every function takes either an `s3://bucket/key` URI or a local path, so callers never branch.
 Endpoint, region and credentials come from boto3's own resolution (AWS_ENDPOINT_URL /
@@ -10,41 +11,25 @@ except to hand them to pyarrow. Never log them.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import shutil
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Sequence
 from urllib.parse import urlparse
 
 import boto3
 import botocore.loaders
 import botocore.session
-import pyarrow as pa
 import pyarrow.fs as pafs
 from botocore.config import Config
-from botocore.exceptions import ClientError, HTTPClientError
-from botocore.exceptions import ConnectionError as BotoConnectionError
+from botocore.exceptions import ClientError
+
+from tltrain.storage_retry import RetryingFileSystem, error_code, with_retries
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-# How long checkpoint I/O (upload; listing and download on restore) keeps retrying while the object
-# store is unreachable or answers 5xx: long enough to ride out an endpoint restart, a load-balancer
-# failover or a short network partition; bounded, so a store that is really gone fails the run
-# (which Ray then restarts from its last complete checkpoint) instead of hanging it.
-OUTAGE_RETRY_S = 180.0
-_RETRY_FIRST_DELAY_S = 0.5
-_RETRY_MAX_DELAY_S = 8.0
-_TRANSIENT_CODES = frozenset(
-    {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
-     "Throttling", "ThrottlingException"}
-)
 
 # Enough threads to hide per-object latency on many small files (datasets of 20k+ images)
 # without opening more connections than one client's pool holds.
@@ -129,113 +114,6 @@ def pyarrow_filesystem(uri: str, retry_s: float = 0.0) -> tuple[pafs.FileSystem,
     if retry_s > 0:
         fs = pafs.PyFileSystem(RetryingFileSystem(fs, retry_s))
     return fs, f"{bucket}/{key}".rstrip("/")
-
-
-class _BufferedUpload:
-    """A write stream that keeps the bytes and uploads them on close, so the whole object can be
-    written again if the store fails mid-way (Ray writes small state files this way)."""
-
-    def __init__(self, fs: pafs.FileSystem, path: str, metadata: Any, retry_s: float) -> None:
-        self._fs, self._path, self._metadata, self._retry_s = fs, path, metadata, retry_s
-        self._buffer = io.BytesIO()
-        self.closed = False
-
-    def write(self, data: Any) -> int:
-        return self._buffer.write(bytes(data))
-
-    def tell(self) -> int:
-        return self._buffer.tell()
-
-    def flush(self) -> None:
-        pass
-
-    def writable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        data = self._buffer.getvalue()
-
-        def put() -> None:
-            with self._fs.open_output_stream(self._path, metadata=self._metadata) as out:
-                out.write(data)
-
-        with_retries(put, f"write {self._path}", self._retry_s)
-        self.closed = True
-
-
-class RetryingFileSystem(pafs.FileSystemHandler):
-    """A pyarrow filesystem handler that retries transient failures of the wrapped filesystem for
-    up to retry_s seconds (see with_retries). Reads are whole-object (small state files; our own
-    checkpoint downloads go through boto3); writes are buffered and retried as a whole."""
-
-    def __init__(self, fs: pafs.FileSystem, retry_s: float) -> None:
-        self.fs, self.retry_s = fs, retry_s
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (RetryingFileSystem, (self.fs, self.retry_s))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RetryingFileSystem) and self.fs.equals(other.fs) and self.retry_s == other.retry_s
-
-    def __ne__(self, other: object) -> bool:
-        return not self == other
-
-    def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        return with_retries(fn, what, self.retry_s)
-
-    def get_type_name(self) -> str:
-        return f"retrying+{self.fs.type_name}"
-
-    def normalize_path(self, path: str) -> str:
-        return self.fs.normalize_path(path)
-
-    def get_file_info(self, paths: list[str]) -> list[pafs.FileInfo]:
-        return self._retry(f"stat {paths[:3]}", lambda: self.fs.get_file_info(paths))
-
-    def get_file_info_selector(self, selector: pafs.FileSelector) -> list[pafs.FileInfo]:
-        return self._retry(f"list {selector.base_dir}", lambda: self.fs.get_file_info(selector))
-
-    def create_dir(self, path: str, recursive: bool) -> None:
-        self._retry(f"mkdir {path}", lambda: self.fs.create_dir(path, recursive=recursive))
-
-    def delete_dir(self, path: str) -> None:
-        self._retry(f"delete {path}", lambda: self.fs.delete_dir(path))
-
-    def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-        self._retry(f"delete {path}/*", lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok))
-
-    def delete_root_dir_contents(self) -> None:
-        raise OSError("refusing to delete the contents of the whole bucket")
-
-    def delete_file(self, path: str) -> None:
-        self._retry(f"delete {path}", lambda: self.fs.delete_file(path))
-
-    def move(self, src: str, dest: str) -> None:
-        self._retry(f"move {src}", lambda: self.fs.move(src, dest))
-
-    def copy_file(self, src: str, dest: str) -> None:
-        self._retry(f"copy {src}", lambda: self.fs.copy_file(src, dest))
-
-    def _read_all(self, path: str) -> bytes:
-        def read() -> bytes:
-            with self.fs.open_input_stream(path) as stream:
-                return stream.read()
-
-        return self._retry(f"read {path}", read)
-
-    def open_input_stream(self, path: str) -> Any:
-        return pa.BufferReader(self._read_all(path))
-
-    def open_input_file(self, path: str) -> Any:
-        return pa.BufferReader(self._read_all(path))
-
-    def open_output_stream(self, path: str, metadata: Any) -> Any:
-        return pa.PythonFile(_BufferedUpload(self.fs, path, metadata, self.retry_s), mode="w")
-
-    def open_append_stream(self, path: str, metadata: Any) -> Any:
-        raise OSError("append is not supported on object storage")
 
 
 def _publish(tmp: str, dst: Path) -> None:
@@ -343,58 +221,6 @@ def list_files(uri: str) -> list[str]:
     return sorted(_sizes(uri))
 
 
-# How pyarrow's S3 filesystem (the AWS C++ SDK) words the same transient failures in its OSErrors.
-_PYARROW_TRANSIENT = (
-    "AWS Error NETWORK_CONNECTION", "AWS Error SERVICE_UNAVAILABLE", "AWS Error SLOW_DOWN",
-    "AWS Error INTERNAL_FAILURE", "AWS Error THROTTLING", "AWS Error REQUEST_TIMEOUT",
-)
-
-
-def _is_transient(err: BaseException) -> bool:
-    """A network failure or a 5xx/throttling answer (worth retrying), not a refusal (403, 404, ...).
-    s3transfer wraps the real error in S3UploadFailedError, so the whole chain is checked."""
-    seen: set[int] = set()
-    e: BaseException | None = err
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, (BotoConnectionError, HTTPClientError)):
-            return True
-        if isinstance(e, OSError) and any(token in str(e) for token in _PYARROW_TRANSIENT):
-            return True
-        if isinstance(e, ClientError):
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-            return _error_code(e) in _TRANSIENT_CODES or int(status) >= 500
-        e = e.__cause__ or e.__context__
-    return False
-
-
-def with_retries(fn: Callable[[], T], what: str, retry_s: float) -> T:
-    """Call fn, retrying transient storage failures with backoff for up to retry_s seconds.
-
-    boto3 already retries each request a few times; this outer loop is what rides out an endpoint
-    that is gone for longer (a restart, a failover). Each retry is logged (the message has the
-    endpoint and the error, never credentials)."""
-    started = time.monotonic()
-    delay = _RETRY_FIRST_DELAY_S
-    attempt = 1
-    while True:
-        try:
-            return fn()
-        except Exception as err:
-            waited = time.monotonic() - started
-            if not _is_transient(err) or waited + delay > retry_s:
-                if _is_transient(err) and retry_s > 0:
-                    log.error("%s: storage still unavailable after %.0fs and %d attempts: %s", what, waited, attempt, err)
-                raise
-            log.warning(
-                "%s: storage unavailable (%s: %s); retry %d in %.1fs (giving up after %.0fs)",
-                what, type(err).__name__, err, attempt, delay, retry_s,
-            )
-            time.sleep(delay)
-            delay = min(delay * 2, _RETRY_MAX_DELAY_S)
-            attempt += 1
-
-
 def upload_tree(local_dir: str, uri: str, *, last: Sequence[str] = (), retry_s: float = 0.0) -> int:
     """Upload every file under local_dir to uri/<relative path>; returns the number of files.
 
@@ -451,10 +277,6 @@ def download_tree(uri: str, local_dir: str) -> int:
     return len(todo)
 
 
-def _error_code(err: ClientError) -> str:
-    return str(err.response.get("Error", {}).get("Code", ""))
-
-
 def exists(uri: str) -> bool:
     """True for an existing file/object, a non-empty prefix or folder, or (bare s3://bucket) a bucket."""
     if not is_s3(uri):
@@ -468,14 +290,14 @@ def exists(uri: str) -> bool:
         client.head_object(Bucket=bucket, Key=key)
         return True
     except ClientError as err:
-        if _error_code(err) not in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
+        if error_code(err) not in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
             raise
         if not key:
             return False
     try:
         resp = client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)
     except ClientError as err:
-        if _error_code(err) == "NoSuchBucket":
+        if error_code(err) == "NoSuchBucket":
             return False
         raise
     return resp.get("KeyCount", 0) > 0
@@ -492,7 +314,7 @@ def ensure_bucket(uri: str) -> None:
         client.head_bucket(Bucket=bucket)
         return
     except ClientError as err:
-        if _error_code(err) not in ("404", "NoSuchBucket", "NotFound"):
+        if error_code(err) not in ("404", "NoSuchBucket", "NotFound"):
             raise
     region = client.meta.region_name
     kwargs: dict[str, Any] = {"Bucket": bucket}
@@ -503,7 +325,7 @@ def ensure_bucket(uri: str) -> None:
         client.create_bucket(**kwargs)
         log.info("created bucket %s", bucket)
     except ClientError as err:
-        if _error_code(err) not in ("BucketAlreadyOwnedByYou",):
+        if error_code(err) not in ("BucketAlreadyOwnedByYou",):
             raise
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import numbers
 import os
 import re
 import tempfile
@@ -35,7 +33,8 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from tltrain import __version__
 from tltrain.config import DEFAULT_STORE_DIR, JobSpec
-from tltrain.tracking_base import NullTracker, RunStatus
+from tltrain.report import classification_report, confusion_matrix_png, format_report, learning_curves_png
+from tltrain.tracking_base import NullTracker, RunStatus, is_metric_value
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +206,7 @@ class Tracker(NullTracker):
 
     def log_epoch(self, metrics: dict[str, Any], step: int) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if is_metric_value(v)]
         try:
             for start in range(0, len(batch), 1000):
                 self.client.log_batch(self._run_id, metrics=batch[start : start + 1000])
@@ -252,11 +251,6 @@ class Tracker(NullTracker):
             self.end("FINISHED")
         else:
             self.end("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
-
-
-def _is_number(v: Any) -> bool:
-    # MLflow takes finite numbers only; lists (per-class accuracy) and flags are not metrics.
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _read_meta(checkpoint: str, tmp: Path) -> dict[str, Any] | None:
@@ -318,99 +312,3 @@ def open_tracker(
     all_tags.setdefault("tltrain_version", __version__)
     tracker.set_tags(all_tags)
     return tracker
-
-
-# --- the final report: plain functions of the confusion matrix and the epoch history ----------
-
-
-def classification_report(confusion: list[list[int]], class_names: list[str]) -> dict[str, Any]:
-    """Per-class precision/recall/F1/support from a confusion matrix (rows = true class), plus
-    accuracy and macro/weighted averages, in the layout of sklearn's classification_report."""
-    n = len(class_names)
-    rows = [[int(x) for x in row] for row in confusion]
-    if len(rows) != n or any(len(r) != n for r in rows):
-        raise ValueError(f"confusion matrix is not {n}x{n} (one row and column per class)")
-    total = sum(map(sum, rows))
-    out: dict[str, Any] = {}
-    for i, name in enumerate(class_names):
-        tp, support, predicted = rows[i][i], sum(rows[i]), sum(r[i] for r in rows)
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        out[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
-    per_class = [out[name] for name in class_names]
-    for avg, weights in (("macro avg", [1] * n), ("weighted avg", [c["support"] for c in per_class])):
-        wsum = sum(weights) or 1
-        out[avg] = {k: sum(w * c[k] for w, c in zip(weights, per_class)) / wsum for k in ("precision", "recall", "f1")}
-        out[avg]["support"] = total
-    out["accuracy"] = sum(rows[i][i] for i in range(n)) / total if total else 0.0
-    return out
-
-
-def format_report(rep: dict[str, Any]) -> str:
-    width = max([len(k) for k in rep] + [12])
-    lines = [f"{'':>{width}}  precision  recall      f1  support"]
-    for name, row in rep.items():
-        if name == "accuracy":
-            continue
-        if name == "macro avg":
-            lines.append("")
-        lines.append(f"{name:>{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:6.3f}  {row['support']:7d}")
-    lines.append(f"{'accuracy':>{width}}  {rep['accuracy']:9.3f}")
-    return "\n".join(lines) + "\n"
-
-
-def _figure(width: float, height: float) -> Any:
-    # Figure + Agg canvas directly: no pyplot, so no global backend switch in the caller's process.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def confusion_matrix_png(confusion: list[list[int]], class_names: list[str], path: Path) -> None:
-    n = len(class_names)
-    size = min(4 + 0.45 * n, 30)
-    fig = _figure(size, size)
-    ax = fig.add_subplot()
-    image = ax.imshow(confusion, cmap="Blues")
-    fig.colorbar(image, ax=ax, fraction=0.046)
-    ax.set(xticks=range(n), yticks=range(n), xlabel="predicted", ylabel="true", title="validation confusion matrix")
-    ax.set_xticklabels(class_names, rotation=90)
-    ax.set_yticklabels(class_names)
-    if n <= 30:  # beyond that the numbers are unreadable anyway
-        peak = max(max(r) for r in confusion) or 1
-        for i, row in enumerate(confusion):
-            for j, v in enumerate(row):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > peak / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(path)
-
-
-def learning_curves_png(history: list[dict[str, Any]], path: Path) -> None:
-    """One panel per metric kind (loss, acc, ...) with its train/ and val/ curves; one for LRs."""
-    panels: dict[str, list[str]] = {}
-    keys = sorted({k for h in history for k, v in h.items() if _is_number(v)})
-    for key in keys:
-        split, _, kind = key.partition("/")
-        if split in ("train", "val") and kind:
-            panels.setdefault(kind, []).append(key)
-        elif split == "lr":
-            panels.setdefault("lr", []).append(key)
-    if not panels:
-        return
-    x = [h["epoch"] if _is_number(h.get("epoch")) else i + 1 for i, h in enumerate(history)]
-    fig = _figure(5 * len(panels), 4)
-    for i, (kind, series) in enumerate(sorted(panels.items()), start=1):
-        ax = fig.add_subplot(1, len(panels), i)
-        for key in series:
-            pts = [(xi, h[key]) for xi, h in zip(x, history) if _is_number(h.get(key))]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-        ax.set(title=kind, xlabel="epoch")
-        if kind == "lr" and all(h[k] > 0 for h in history for k in series if _is_number(h.get(k))):
-            ax.set_yscale("log")  # layer-wise decay spreads group LRs over decades
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)

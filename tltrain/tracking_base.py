@@ -6,10 +6,18 @@ and slim worker images need not carry it).
 
 from __future__ import annotations
 
+import math
+import numbers
 from types import TracebackType
 from typing import Any, Literal
 
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+
+
+def is_metric_value(v: Any) -> bool:
+    """Whether `log_epoch` records this value (and the learning curves plot it)."""
+    # MLflow takes finite numbers only; lists (per-class accuracy) and flags are not metrics.
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class NullTracker:
