@@ -17,12 +17,14 @@ import torch
 import yaml
 from PIL import Image
 
-from tltrain.bench import SyntheticLoader, make_synthetic_jpeg_folder, peak_flops, train_flops_per_image
+from tltrain.bench import SyntheticLoader
 from tltrain.checkpoint import load_model_state
 from tltrain.config import parse_spec
+from tltrain.flops import peak_flops, train_flops_per_image
 from tltrain.loop import train
 from tltrain.model import build_model, layer_groups
 from tltrain.optim import apply_freeze
+from tltrain.synthetic_images import make_synthetic_jpeg_folder
 
 RATE_KEYS = ("bare_img_per_s", "ray_img_per_s", "e2e_img_per_s")
 

@@ -216,7 +216,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.fixture(scope="module")
 def jpeg_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from tltrain.bench import make_synthetic_jpeg_folder
+    from tltrain.synthetic_images import make_synthetic_jpeg_folder
 
     return make_synthetic_jpeg_folder(str(tmp_path_factory.mktemp("jpegs") / "train"), 48, 4, size=(120, 90), workers=1)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import shlex
 import shutil
 import signal
 import socket
@@ -23,7 +22,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tltrain import submit
+from tltrain import cli_jobs, submit
 from tltrain.cli import build_parser
 from tltrain.config import load_spec
 
@@ -223,10 +222,10 @@ def test_commands_are_registered_on_the_cli() -> None:
     assert (args.func, args.tune, args.follow, args.set, args.address) == (submit.cmd_submit, True, True, ["a.b=1"], "http://h:8265")
     assert args.entrypoint_num_cpus == submit.DEFAULT_ENTRYPOINT_NUM_CPUS and args.forward_env
     for argv, func in [
-        (["jobs", "list"], submit.cmd_jobs_list),
-        (["jobs", "status", "ID"], submit.cmd_jobs_status),
-        (["jobs", "logs", "ID", "--follow"], submit.cmd_jobs_logs),
-        (["jobs", "stop", "ID"], submit.cmd_jobs_stop),
+        (["jobs", "list"], cli_jobs.cmd_jobs_list),
+        (["jobs", "status", "ID"], cli_jobs.cmd_jobs_status),
+        (["jobs", "logs", "ID", "--follow"], cli_jobs.cmd_jobs_logs),
+        (["jobs", "stop", "ID"], cli_jobs.cmd_jobs_stop),
     ]:
         assert parser.parse_args(argv).func is func
     with pytest.raises(SystemExit):

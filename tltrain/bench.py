@@ -12,25 +12,22 @@ Stages 2 and 3 run two epochs of `steps` steps and report the second (the first 
 compilation, cuDNN autotuning and loader start-up). Also: MFU from FLOPs counted on one fwd+bwd step,
 peak memory, the data-wait fraction, and with freeze_depth > 0 the bare rate of a full fine-tune
 (frozen groups must show up as speed: they run no backward).
+The FLOP counting and peak table are in flops.py, the readable report in bench_report.py, and the
+synthetic JPEG folder for the GPU run in synthetic_images.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import math
-import os
 import resource
 import shutil
 import sys
 import tempfile
 import time
 import uuid
-from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -42,29 +39,14 @@ from ray.util.queue import Empty, Queue
 from torch import nn
 
 from tltrain import storage
+from tltrain.bench_report import print_header, print_summary
 from tltrain.config import JobSpec, SpecError, parse_spec
+from tltrain.flops import mfu, peak_flops, train_flops_per_image
 from tltrain.loop import AUTOCAST_DTYPES, train
 from tltrain.model import build_model, layer_groups
 from tltrain.optim import apply_freeze, set_frozen_norms_eval
 from tltrain.preflight import build_plan
 from tltrain.ray_train import ensure_ray, worker_fn
-
-# Dense peak FLOP/s per GPU: (name fragment, bf16/fp16, tf32, fp32). First match wins.
-PEAK_FLOPS = [
-    ("H100 PCIe", 756e12, 378e12, 51e12),
-    ("H100", 989e12, 495e12, 67e12),
-    ("H200", 989e12, 495e12, 67e12),
-    ("H800", 989e12, 495e12, 67e12),
-    ("A100", 312e12, 156e12, 19.5e12),
-]
-
-
-def peak_flops(device_name: str, precision: str, tf32: bool) -> float | None:
-    """The device's dense peak for the step's math; None where unknown (CPUs, other GPUs)."""
-    for fragment, half, tf, fp32 in PEAK_FLOPS:
-        if fragment in device_name:
-            return half if precision in ("bf16", "fp16") else tf if tf32 else fp32
-    return None
 
 
 def _peak_mem(device: torch.device) -> tuple[int, str]:
@@ -77,25 +59,6 @@ def _device(spec: JobSpec) -> torch.device:
     if spec.scaling.use_gpu and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def train_flops_per_image(model: nn.Module, image_size: int, device: torch.device, dtype: torch.dtype | None,
-                          channels_last: bool) -> float:
-    """FLOPs of one forward + backward per image, counted (so frozen groups, which run no backward,
-    count only their forward)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    n = 2
-    x = torch.randn(n, 3, image_size, image_size, device=device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.zeros(n, dtype=torch.long, device=device)
-    with FlopCounterMode(display=False) as counter:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / n
 
 
 # --- 1. the bare step --------------------------------------------------------------------------------
@@ -315,12 +278,7 @@ def run_bench(spec: JobSpec, steps: int = 20, out: TextIO | None = None) -> dict
     ensure_ray(bspec.scaling.address)
     _check_resources(bspec)
 
-    print(f"bench {spec.model.name}: {bspec.loop.precision}, batch {bspec.scaling.batch_size_per_worker}"
-          f"{' x accum ' + str(bspec.loop.grad_accum) if bspec.loop.grad_accum > 1 else ''}, {image_size}px, "
-          f"freeze_depth {depth}/{plan.num_layer_groups}, compile {'on' if bspec.loop.compile else 'off'}, "
-          f"data {bspec.data.format}{' + nvjpeg' if bspec.data.decode == 'nvjpeg' else ''} "
-          f"({bspec.data.loader_workers} loader workers), {'GPU' if bspec.scaling.use_gpu else 'CPU'}, {steps} steps",
-          file=out, flush=True)
+    print_header(bspec, image_size, depth, plan.num_layer_groups, steps, out)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -360,10 +318,6 @@ def run_bench(spec: JobSpec, steps: int = 20, out: TextIO | None = None) -> dict
     bare_ips, ray_ips, e2e_ips = bare["img_per_s"], ray_epoch["img_per_s"], e2e_epoch["img_per_s"]
     peak = peak_flops(device, bspec.loop.precision, bspec.loop.tf32) if device != "cpu" else None
     flops = bare["flops_per_img"]
-
-    def mfu(ips: float) -> float | None:
-        return ips * flops / peak if peak else None
-
     wait = float(e2e_epoch["data_wait_frac"])
     batch = bspec.scaling.batch_size_per_worker * bspec.loop.grad_accum
     summary: dict[str, Any] = {
@@ -390,9 +344,9 @@ def run_bench(spec: JobSpec, steps: int = 20, out: TextIO | None = None) -> dict
         "ratio_e2e_vs_bare": _ratio(e2e_ips, bare_ips),
         "train_flops_per_img": flops,
         "peak_flops": peak,
-        "mfu": mfu(e2e_ips),
-        "mfu_bare": mfu(bare_ips),
-        "mfu_ray": mfu(ray_ips),
+        "mfu": mfu(e2e_ips, flops, peak),
+        "mfu_bare": mfu(bare_ips, flops, peak),
+        "mfu_ray": mfu(ray_ips, flops, peak),
         "peak_mem_bytes": e2e_peak,
         "peak_mem_bytes_bare": bare["peak_mem_bytes"],
         "peak_mem_bytes_ray": ray_peak,
@@ -412,102 +366,6 @@ def run_bench(spec: JobSpec, steps: int = 20, out: TextIO | None = None) -> dict
             train_flops_per_img_full=full["flops_per_img"],
             trainable_params_full=full["trainable_params"],
         )
-    _print(summary, out)
+    print_summary(summary, out)
     return summary
 
-
-def _fmt_bytes(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
-
-
-def _fmt_pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def _print(s: dict[str, Any], out: TextIO) -> None:
-    mem = "peak GPU memory" if s["peak_mem_kind"].startswith("cuda") else "peak RSS"
-    print(f"  3 end to end           {s['e2e_img_per_s']:9.1f} img/s   ({s['ratio_e2e_vs_ray']:.3f}x Ray step, "
-          f"{s['ratio_e2e_vs_bare']:.3f}x bare; {s['e2e_steps']} steps)", file=out)
-    print(f"  where the time goes (end to end): data wait {_fmt_pct(s['data_wait_frac'])}, "
-          f"compute {_fmt_pct(s['compute_frac'])}", file=out)
-    peak = "unknown for this device" if s["peak_flops"] is None else f"{s['peak_flops'] / 1e12:.0f} TFLOP/s"
-    print(f"  MFU ({s['train_flops_per_img'] / 1e9:.2f} GFLOP/img fwd+bwd, peak {peak}): "
-          f"bare {_fmt_pct(s['mfu_bare'])}, Ray {_fmt_pct(s['mfu_ray'])}, end to end {_fmt_pct(s['mfu'])}", file=out)
-    print(f"  {mem}: bare {_fmt_bytes(s['peak_mem_bytes_bare'])}, Ray {_fmt_bytes(s['peak_mem_bytes_ray'])}, "
-          f"end to end {_fmt_bytes(s['peak_mem_bytes'])}", file=out)
-    if "bare_full_img_per_s" in s:
-        print(f"  frozen: freeze_depth {s['freeze_depth']} {s['bare_img_per_s']:.1f} img/s vs full fine-tune "
-              f"{s['bare_full_img_per_s']:.1f} img/s ({s['frozen_speedup']:.2f}x; fwd+bwd "
-              f"{s['train_flops_per_img'] / 1e9:.2f} vs {s['train_flops_per_img_full'] / 1e9:.2f} GFLOP/img)", file=out)
-    out.flush()
-
-
-# --- synthetic JPEGs for the GPU machine ---------------------------------------------------------------
-
-
-def _synthetic_jpeg(args: tuple[str, int, int, int, tuple[int, int], int]) -> None:
-    from PIL import Image, ImageDraw
-
-    path, index, label, classes, size, seed = args
-    rng = np.random.default_rng([seed, index])
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    freq = rng.uniform(0.005, 0.05, 3)
-    phase = rng.uniform(0, 2 * math.pi)
-    img = np.stack([127 + 100 * np.sin(xx * freq[c] + yy * freq[(c + 1) % 3] + phase) for c in range(3)], -1)
-    img += rng.normal(0, 10, img.shape)
-    im = Image.fromarray(img.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(im)
-    # The class decides the shapes' hue and kind, so a model can learn it; the rest is noise.
-    hue = np.array([np.cos(2 * math.pi * label / classes), np.sin(2 * math.pi * label / classes), 0.5])
-    for _ in range(int(rng.integers(4, 10))):
-        color = tuple(int(v) for v in np.clip(128 + 120 * hue + rng.normal(0, 25, 3), 0, 255))
-        x0, y0 = int(rng.integers(0, w - 20)), int(rng.integers(0, h - 20))
-        x1, y1 = x0 + int(rng.integers(20, w // 2)), y0 + int(rng.integers(20, h // 2))
-        (draw.ellipse if (label + index) % 3 else draw.rectangle)((x0, y0, x1, y1), fill=color)
-    im.save(path, format="JPEG", quality=90)
-
-
-def make_synthetic_jpeg_folder(
-    out_dir: str, n: int, classes: int, size: tuple[int, int] = (500, 375), *, seed: int = 0, workers: int | None = None
-) -> str:
-    """An ImageFolder of `n` JPEGs (width x height `size`, ~100 KB each at quality 90) in `classes`
-    class folders: noise, gradients and shapes, so decoding costs what a photo's does. Returns out_dir."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    root = Path(out_dir)
-    jobs = []
-    for i in range(n):
-        label = i % classes
-        folder = root / f"class_{label:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        jobs.append((str(folder / f"img_{i:06d}.jpg"), i, label, classes, tuple(size), seed))
-    workers = min(os.cpu_count() or 1, 16) if workers is None else workers
-    if workers <= 1:
-        for job in jobs:
-            _synthetic_jpeg(job)
-    else:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
-            list(pool.map(_synthetic_jpeg, jobs, chunksize=32))
-    return str(root)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tltrain.bench", description="bench helpers")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("make-jpegs", help="write an ImageFolder of synthetic ~500x375 JPEGs")
-    p.add_argument("out_dir")
-    p.add_argument("--n", type=int, default=4096)
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--size", type=int, nargs=2, default=(500, 375), metavar=("W", "H"))
-    p.add_argument("--workers", type=int, default=None)
-    args = parser.parse_args(argv)
-    t0 = time.perf_counter()
-    root = make_synthetic_jpeg_folder(args.out_dir, args.n, args.classes, tuple(args.size), workers=args.workers)
-    print(f"{args.n} JPEGs in {root} ({time.perf_counter() - t0:.0f}s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

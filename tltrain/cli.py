@@ -107,9 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("spec-fields", help="list every spec field with its default and meaning")
     p.set_defaults(func=cmd_spec_fields)
 
-    from tltrain import cli_registry, prepare, submit
+    from tltrain import cli_jobs, cli_registry, prepare, submit
 
     submit.add_commands(sub)
+    cli_jobs.add_commands(sub)
     cli_registry.add_commands(sub)
     prepare.add_commands(sub)
     return parser

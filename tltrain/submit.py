@@ -1,4 +1,4 @@
-"""`tltrain submit` and `tltrain jobs ...`: run specs on a remote Ray cluster via the Job Submission API.
+"""`tltrain submit`: run specs on a remote Ray cluster via the Job Submission API.
 
 A submission is staged as a small directory that becomes the job's runtime_env `working_dir`:
 
@@ -212,7 +212,7 @@ def _num(x: float) -> str:
 # Talking to the cluster
 
 
-def _client(address: str | None) -> Any:
+def job_client(address: str | None) -> Any:
     """A JobSubmissionClient; address None = RAY_ADDRESS, else http://127.0.0.1:8265 (Ray's rules)."""
     from ray.job_submission import JobSubmissionClient
 
@@ -314,7 +314,7 @@ def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
         return EXIT_INVALID
 
     try:
-        client = _client(args.address)
+        client = job_client(args.address)
     except Exception as exc:  # ConnectionError, auth errors: say where we tried
         print(f"error: cannot reach the Ray cluster ({args.address or 'RAY_ADDRESS / default'}): {exc}", file=err)
         return EXIT_FAILED
@@ -392,106 +392,8 @@ def cmd_submit(args: argparse.Namespace, out: TextIO | None = None, err: TextIO 
     return code
 
 
-def _job_row(job: Any) -> dict[str, Any]:
-    return {
-        "submission_id": job.submission_id,
-        "job_id": job.job_id,
-        "status": str(job.status.value),
-        "entrypoint": job.entrypoint,
-        "message": job.message,
-        "start_time": job.start_time,
-        "end_time": job.end_time,
-        "metadata": job.metadata or {},
-    }
-
-
-def _fmt_ms(ms: int | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000)) if ms else "-"
-
-
-def _with_client(args: argparse.Namespace, err: TextIO) -> Any:
-    try:
-        return _client(args.address)
-    except Exception as exc:
-        print(f"error: cannot reach the Ray cluster ({args.address or 'RAY_ADDRESS / default'}): {exc}", file=err)
-        return None
-
-
-def cmd_jobs_list(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out, err = out or sys.stdout, err or sys.stderr
-    client = _with_client(args, err)
-    if client is None:
-        return EXIT_FAILED
-    rows = sorted((_job_row(j) for j in client.list_jobs()), key=lambda r: r["start_time"] or 0)
-    if args.json:
-        print(json.dumps(rows), file=out)
-        return EXIT_OK
-    print(f"{'SUBMISSION ID':44} {'STATUS':10} {'STARTED':19}  ENTRYPOINT", file=out)
-    for r in rows:
-        print(f"{(r['submission_id'] or r['job_id'] or '-'):44} {r['status']:10} {_fmt_ms(r['start_time']):19}  "
-              f"{r['entrypoint']}", file=out)
-    return EXIT_OK
-
-
-def cmd_jobs_status(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out, err = out or sys.stdout, err or sys.stderr
-    client = _with_client(args, err)
-    if client is None:
-        return EXIT_FAILED
-    try:
-        row = _job_row(client.get_job_info(args.job_id))
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=err)
-        return EXIT_FAILED
-    if args.json:
-        print(json.dumps(row), file=out)
-    else:
-        print(f"{args.job_id}: {row['status']}" + (f" ({row['message']})" if row["message"] else ""), file=out)
-        print(f"  started {_fmt_ms(row['start_time'])}, ended {_fmt_ms(row['end_time'])}", file=out)
-        print(f"  entrypoint: {row['entrypoint']}", file=out)
-    return EXIT_OK
-
-
-def cmd_jobs_logs(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out, err = out or sys.stdout, err or sys.stderr
-    client = _with_client(args, err)
-    if client is None:
-        return EXIT_FAILED
-    try:
-        if args.follow:
-            return exit_code(follow_logs(client, args.job_id, out))
-        out.write(client.get_job_logs(args.job_id))
-        out.flush()
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=err)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return 130
-    return EXIT_OK
-
-
-def cmd_jobs_stop(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    out, err = out or sys.stdout, err or sys.stderr
-    client = _with_client(args, err)
-    if client is None:
-        return EXIT_FAILED
-    try:
-        requested = client.stop_job(args.job_id)
-        if args.no_wait:
-            print(f"{args.job_id}: stop {'requested' if requested else 'not needed (already ended)'}", file=out)
-            return EXIT_OK
-        status = wait_terminal(client, args.job_id, timeout_s=args.timeout_s)
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=err)
-        return EXIT_FAILED
-    print(f"{args.job_id}: {status.value}", file=out)
-    if not status.is_terminal():
-        print(f"error: still {status.value} after {args.timeout_s:.0f}s", file=err)
-        return EXIT_FAILED
-    return EXIT_OK
-
-
-def _address_arg(p: argparse.ArgumentParser) -> None:
+def add_address_arg(p: argparse.ArgumentParser) -> None:
+    """`--address`, the same on `submit` and every `jobs` command (cli_jobs uses it too)."""
     p.add_argument(
         "--address",
         default=None,
@@ -500,7 +402,7 @@ def _address_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_commands(subparsers: Any) -> None:
-    """Register `submit` and `jobs` on the `tltrain` argparse subparsers."""
+    """Register `submit` on the `tltrain` argparse subparsers."""
     p = subparsers.add_parser(
         "submit",
         help="run a job spec on a Ray cluster through the Job Submission API",
@@ -510,7 +412,7 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument("spec", help="job spec YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a spec field")
     p.add_argument("--tune", action="store_true", help="run `tltrain tune` (the spec's tune: section) instead of train")
-    _address_arg(p)
+    add_address_arg(p)
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit with its status")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last stdout line")
     p.add_argument("--submission-id", default=None, help="job id to use (default: <name>-<time>-<random>)")
@@ -537,30 +439,3 @@ def add_commands(subparsers: Any) -> None:
         help=f"where the job's working_dir is staged (default {DEFAULT_STAGING_DIR})",
     )
     p.set_defaults(func=cmd_submit)
-
-    jobs = subparsers.add_parser("jobs", help="list, inspect, follow and stop jobs on a Ray cluster")
-    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
-
-    q = jsub.add_parser("list", help="all jobs on the cluster")
-    _address_arg(q)
-    q.add_argument("--json", action="store_true", help="print the jobs as a JSON list")
-    q.set_defaults(func=cmd_jobs_list)
-
-    q = jsub.add_parser("status", help="a job's status")
-    q.add_argument("job_id", metavar="ID")
-    _address_arg(q)
-    q.add_argument("--json", action="store_true", help="print the job as one JSON object")
-    q.set_defaults(func=cmd_jobs_status)
-
-    q = jsub.add_parser("logs", help="a job's driver log (progress lines, the JSON summary)")
-    q.add_argument("job_id", metavar="ID")
-    _address_arg(q)
-    q.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status")
-    q.set_defaults(func=cmd_jobs_logs)
-
-    q = jsub.add_parser("stop", help="stop a job and wait until it has ended")
-    q.add_argument("job_id", metavar="ID")
-    _address_arg(q)
-    q.add_argument("--no-wait", action="store_true", help="return once the stop is requested")
-    q.add_argument("--timeout-s", type=float, default=120.0, help="how long to wait for the job to end")
-    q.set_defaults(func=cmd_jobs_stop)
