@@ -365,7 +365,7 @@ def test_kill_driver_then_resume(
 ) -> None:
     from tltrain import storage
     from tltrain.config import load_spec
-    from tltrain.tune import sweep_paths
+    from tltrain.sweep_store import sweep_paths
 
     num_samples = 4
     # ASHA's first rung at epoch 2: a trial that has reported epoch 1 cannot have been stopped yet.
@@ -471,7 +471,7 @@ def test_optuna_searcher_is_seeded_and_inclusive(fashion_folders: tuple[str, str
 
 
 def test_summary_orders_best_first_and_marks_the_cost_front(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
-    from tltrain.tune import summarize
+    from tltrain.sweep_report import summarize
 
     spec = parse_spec(_tree(fashion_folders, str(tmp_path), "s", SPACE))
 
