@@ -96,3 +96,19 @@ def test_two_ddp_workers_match_one_worker_with_the_global_batch(tmp_path, grad_a
     distributed = torch.load(out, weights_only=True)
     for k in single:
         torch.testing.assert_close(distributed[k], single[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_resuming_a_run_that_early_stopping_ended_trains_no_further() -> None:
+    from tltrain.loop import LoopState, Resume
+
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = _spec(1).model_copy(update={"loop": _spec(1).loop.model_copy(update={"epochs": 5, "early_stop_patience": 1})})
+    ended = LoopState(epoch=2, global_step=2, best_metric=0.5, evals_without_improvement=1,
+                      history=[{"epoch": 1, "stopped_early": False}, {"epoch": 2, "stopped_early": True}])
+    reports: list[dict] = []
+    state = train(spec, model, layer_groups(model), Batches([_data()]), Batches([_data(1)]),
+                  device=torch.device("cpu"), num_classes=4, report=lambda m, c: reports.append(m), meta={},
+                  resume=Resume(train_state=None, meta={"loop_state": ended.__dict__}))
+    assert reports == [] and state.epoch == 2
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "a stopped run was trained further"

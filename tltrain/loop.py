@@ -185,6 +185,10 @@ def train(
             scaler.load_state_dict(resume.train_state["scaler"])
         loop_meta = resume.meta["loop_state"]
         state = LoopState(**loop_meta)
+        if state.history and state.history[-1].get("stopped_early"):
+            # Early stopping already ended this run: re-running its name finds it finished (like a
+            # run at its last epoch) instead of training one more epoch past the patience limit.
+            return state
 
     compiled = torch.compile(model) if lp.compile else model
     current_depth: int | None = None
