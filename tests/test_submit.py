@@ -449,8 +449,10 @@ def test_submit_two_node_job_end_to_end(
         "data": {"train": train_dir, "val": val_dir, "image_size": 32, "loader_workers": 0},
         "optim": {"name": "adamw", "lr": 1.0e-3},
         "loop": {"epochs": 2, "precision": "fp32", "max_steps_per_epoch": 3},
-        # 1 CPU per node, 0.25 for the driver, 0.75 per worker: one worker fits on each node.
-        "scaling": {"num_workers": 2, "use_gpu": False, "batch_size_per_worker": 8, "cpus_per_worker": 0.75},
+        # 1 CPU per node, 0.25 for the driver, 0.25 per worker: both workers would fit on one node, so
+        # only scaling.placement_strategy puts one on each (Ray's default, PACK, would not).
+        "scaling": {"num_workers": 2, "use_gpu": False, "batch_size_per_worker": 8, "cpus_per_worker": 0.25,
+                    "placement_strategy": "STRICT_SPREAD"},
         "storage": {"uri": f"{s3_bucket}/runs", "keep": 1},
         "tracking": {"enabled": False},
     }))
@@ -482,7 +484,7 @@ def test_submit_two_node_job_end_to_end(
     assert secret_key not in out and key_id not in out
     assert summary["ray_job_submit"].startswith("ray job submit --address")
 
-    # The two Train workers ran on both nodes.
+    # The two Train workers ran on both nodes (STRICT_SPREAD).
     info = client.get_job_info(job_id)
     workers = list_actors(
         address=two_nodes.address, filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", info.job_id)],

@@ -161,6 +161,11 @@ class ScalingSpec(_Section):
     use_gpu: bool = Field(default=False, description="one GPU per worker, NCCL; false = CPU workers, gloo")
     batch_size_per_worker: int = Field(default=32, ge=1, description="micro-batch size on each worker")
     cpus_per_worker: float = Field(default=1.0, gt=0.0, description="CPUs reserved per worker (data loading)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="where Ray places the workers: PACK = as few nodes as possible (fast NCCL within a node); "
+        "SPREAD = across nodes (one node's loss takes fewer ranks); STRICT_* = must, or wait",
+    )
     address: str | None = Field(
         default=None, description="Ray cluster address; null = RAY_ADDRESS or a local Ray started on demand"
     )

@@ -250,7 +250,8 @@ def build_trainer(spec: JobSpec, plan: TrainPlan, callbacks: list[Any], name: st
         worker_fn,
         train_loop_config={"spec": spec.to_dict(), "plan": plan.to_dict()},
         scaling_config=ScalingConfig(
-            num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu, resources_per_worker=resources
+            num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu, resources_per_worker=resources,
+            placement_strategy=spec.scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=name or spec.name,
