@@ -2,6 +2,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pipefail: a failed pip install must fail the target even though its output goes through a filter.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# This machine's pip config lists an index directory that may be absent; pip warns once per package.
+QUIET_PIP := sed '/^WARNING: Location/d'
 
 .PHONY: setup demo test test-fast
 
@@ -11,8 +16,8 @@ setup: $(STAMP)
 # Fashion-MNIST, the demo's dataset, is a Debian package.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -m pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install -q --upgrade pip 2>&1 | $(QUIET_PIP)
+	$(PY) -m pip install -q -e '.[test]' 2>&1 | $(QUIET_PIP)
 	$(PY) -c "import tltrain, torch, ray, timm, mlflow, moto"  # fail here, not later, if the install broke
 	test -d /usr/share/datasets/fashion-mnist || apt-get install -y -q dataset-fashion-mnist \
 	  || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)
