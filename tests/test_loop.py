@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -112,3 +113,19 @@ def test_resuming_a_run_that_early_stopping_ended_trains_no_further() -> None:
                   resume=Resume(train_state=None, meta={"loop_state": ended.__dict__}))
     assert reports == [] and state.epoch == 2
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "a stopped run was trained further"
+
+
+def test_a_diverging_run_stops_instead_of_failing() -> None:
+    # An absurd LR: after the first step the weights (and so the val loss) are inf/NaN.
+    spec = _spec(1)
+    spec = spec.model_copy(update={
+        "loop": spec.loop.model_copy(update={"epochs": 4}),
+        "optim": spec.optim.model_copy(update={"lr": 1e38}),
+        "storage": spec.storage.model_copy(update={"metric": "val/loss", "mode": "min"}),
+    })  # fmt: skip
+    model = _model()
+    reports: list[dict] = []
+    state = train(spec, model, layer_groups(model), Batches([_data()]), Batches([_data(1)]),
+                  device=torch.device("cpu"), num_classes=4, report=lambda m, c: reports.append(m), meta={})
+    assert len(reports) < 4 and reports[-1]["diverged"] and reports[-1]["stopped_early"], reports
+    assert state.best_metric is None or math.isfinite(state.best_metric)

@@ -33,15 +33,18 @@ class Progress:
         per_epoch = (time.monotonic() - self.started) / max(done_here, 1)
         eta = 0.0 if metrics.get("stopped_early") else per_epoch * (total - epoch)
         key = self.spec.storage.metric
+        best = metrics["best_metric"]
         parts = [
             f"epoch {epoch}/{total}",
             f"train/loss {metrics['train/loss']:.4f}",
             f"val/loss {metrics['val/loss']:.4f}",
-            f"{key} {metrics[key]:.4f} (best {metrics['best_metric']:.4f})",
+            f"{key} {metrics[key]:.4f} (best {'-' if best is None else f'{best:.4f}'})",
             f"{metrics['img_per_s']:.0f} img/s",
             f"ETA {_fmt_duration(eta)}",
         ]
-        if metrics.get("stopped_early"):
+        if metrics.get("diverged"):
+            parts.append("stopped: the loss diverged (NaN/inf); lower optim.lr or set loop.clip_grad_norm")
+        elif metrics.get("stopped_early"):
             parts.append("early stop")
         print("  ".join(parts), file=self.out, flush=True)
 
@@ -128,6 +131,7 @@ def _summary(spec: JobSpec, result: Any, history: list[dict[str, Any]]) -> dict[
         "epochs_completed": int(last.get("epoch", 0)),
         "epochs_this_invocation": len(history),
         "stopped_early": bool(last.get("stopped_early", False)),
+        "diverged": bool(last.get("diverged", False)),
         "img_per_s": (sum(h["img_per_s"] for h in history) / len(history)) if history else None,
         "storage_uri": f"{spec.storage.uri.rstrip('/')}/{spec.name}",
     }

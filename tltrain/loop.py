@@ -146,11 +146,13 @@ def train(
     report: Report,
     meta: dict[str, Any],
     resume: Resume | None = None,
+    started_at: float | None = None,
 ) -> LoopState:
     """Fine-tune `model` (weights already loaded) for spec.loop.epochs, reporting once per epoch.
 
     `meta` is saved with every checkpoint (class names, data config, lineage) and updated here with
-    the epoch, step and metrics.
+    the epoch, step and metrics. `started_at` (perf_counter) is when the worker began setting up;
+    the first epoch's `epoch_wall_s` counts from there.
     """
     rank, world_size = _distributed()
     lp = spec.loop
@@ -190,6 +192,9 @@ def train(
             # run at its last epoch) instead of training one more epoch past the patience limit.
             return state
 
+    # Wall time between reports: training, evaluation, checkpoint save and the previous report's
+    # upload (the cost of holding the workers; epoch_time_s is the training steps alone).
+    since_report = started_at if started_at is not None else time.perf_counter()
     compiled = torch.compile(model) if lp.compile else model
     current_depth: int | None = None
     ddp_model: nn.Module = compiled
@@ -262,18 +267,23 @@ def train(
             **group_lrs(optimizer),
         }
         value = metrics.get(spec.storage.metric)
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        if value is None:
             raise ValueError(f"storage.metric: {spec.storage.metric!r} is not a reported metric ({sorted(metrics)})")
-        if _improved(value, state.best_metric, spec.storage.mode):
+        # A NaN/inf loss does not come back: stop (Ray ranks the NaN checkpoint last) rather than
+        # fail, which would restart the workers from the last checkpoint into the same divergence.
+        diverged = not (math.isfinite(metrics["train/loss"]) and math.isfinite(value))
+        if not diverged and _improved(value, state.best_metric, spec.storage.mode):
             state.best_metric = value
             state.evals_without_improvement = 0
         else:
             state.evals_without_improvement += 1
-        stop_early = (
+        stop_early = diverged or (
             lp.early_stop_patience is not None and state.evals_without_improvement >= lp.early_stop_patience
         )
         metrics["best_metric"] = state.best_metric
         metrics["stopped_early"] = stop_early
+        metrics["diverged"] = diverged
+        metrics["epoch_wall_s"] = time.perf_counter() - since_report
         state.history.append({k: v for k, v in metrics.items() if not isinstance(v, list)})
 
         if rank == 0:
@@ -294,6 +304,7 @@ def train(
                 report(metrics, ckpt_dir)
         else:
             report(metrics, None)
+        since_report = time.perf_counter()
         if stop_early:
             break
     return state

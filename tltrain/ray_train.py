@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +42,7 @@ from tltrain.data import build_eval_loader, build_train_loader, build_transform,
 from tltrain.loop import Resume, train
 from tltrain.model import build_model, layer_groups
 from tltrain.preflight import TrainPlan, fetch_weights
+from tltrain.tracking_base import is_metric_value
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,7 @@ def _upload_fn(spec: JobSpec) -> Callable[[ray.train.Checkpoint, str], ray.train
 
 def worker_fn(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build data and model, restore, hand over to `loop.train`."""
+    started_at = time.perf_counter()  # the first epoch's wall time includes this set-up
     # Ray Train logs every report (all metrics) at INFO on every rank, under a logger named by its
     # file path; the driver already prints one line per epoch.
     from ray.train.v2._internal.execution import context as train_context
@@ -199,6 +202,7 @@ def worker_fn(config: dict[str, Any]) -> None:
     train(
         spec, model, groups, train_loader, val_loader,
         device=device, num_classes=len(plan.class_names), report=report, meta=meta, resume=resume,
+        started_at=started_at,
     )
 
 
@@ -326,7 +330,7 @@ def best_checkpoint(result: Any, storage_uri: str, metric: str, mode: str) -> tu
         return None, None
     invalid = _invalid_checkpoints(storage_uri, result.checkpoint)
     ranked = sorted(
-        ((c, m) for c, m in result.best_checkpoints if isinstance(m.get(metric), (int, float))),
+        ((c, m) for c, m in result.best_checkpoints if is_metric_value(m.get(metric))),
         key=lambda cm: cm[1][metric], reverse=mode == "max",
     )
     for ckpt, metrics in ranked:

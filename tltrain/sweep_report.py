@@ -21,7 +21,10 @@ def describe_trial(record: dict[str, Any], spec: JobSpec) -> str:
     if record["status"] == "ERROR":
         return f"failed after {record['epochs']} epoch(s): {record['error']}"
     best = record["best_metric"]
-    stop = {"asha": ", stopped early by ASHA", "patience": ", stopped early (patience)"}.get(record["stopped_by"] or "", "")
+    stop = {
+        "asha": ", stopped early by ASHA", "patience": ", stopped early (patience)",
+        "diverged": ", stopped: loss diverged (NaN/inf)",
+    }.get(record["stopped_by"] or "", "")  # fmt: skip
     return (
         f"done: best {spec.tune.metric} {best:.4f}" if best is not None else "done: no metric"
     ) + f" after {record['epochs']} epoch(s){stop}, {record['cost_worker_s']:.1f} worker-s"
@@ -69,13 +72,15 @@ def _fmt(v: Any) -> str:
 
 def print_table(summary: dict[str, Any], space_keys: list[str], out: TextIO) -> None:
     metric = summary["metric"]
-    header = ["trial", *space_keys, metric, "epochs", "stop", "worker-s", "pareto"]
+    gpus = bool(summary["gpu_hours"])
+    header = ["trial", *space_keys, metric, "epochs", "stop", "worker-s", *(["GPU-h"] if gpus else []), "pareto"]
     rows = []
     for r in summary["trials"]:
         rows.append([
             r["trial_id"], *(_fmt(r["config"].get(k)) for k in space_keys),
             "ERROR" if r["status"] == "ERROR" else ("-" if r["best_metric"] is None else f"{r['best_metric']:.4f}"),
-            str(r["epochs"]), r["stopped_by"] or "", f"{r['cost_worker_s']:.1f}", "*" if r["pareto"] else "",
+            str(r["epochs"]), r["stopped_by"] or "", f"{r['cost_worker_s']:.1f}",
+            *([f"{r['gpu_hours']:.3f}"] if gpus else []), "*" if r["pareto"] else "",
         ])  # fmt: skip
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for line in [header, *rows]:

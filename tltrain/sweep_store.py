@@ -26,6 +26,7 @@ from tltrain import storage
 from tltrain.config import JobSpec, SpecError
 from tltrain.ray_train import best_checkpoint, checkpoint_uri
 from tltrain.search_space import apply_config, plain
+from tltrain.tracking_base import is_metric_value
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def build_record(
     config = {k: plain(v) for k, v in config.items()}
     tspec = trial_spec(spec, paths, trial_id, config)
     history, best_uri, best_ckpt_metric = _read_train_run(paths, trial_id, metric, mode)
-    values = [float(h[metric]) for h in history if isinstance(h.get(metric), (int, float))]
+    values = [float(h[metric]) for h in history if is_metric_value(h.get(metric))]
     best = None
     for v in values:
         if best is None or better(v, best, mode):
@@ -151,8 +152,11 @@ def build_record(
     epochs = int(history[-1]["epoch"]) if history else 0
     stopped_by = None
     if error is None and 0 < epochs < tspec.loop.epochs:
-        stopped_by = "patience" if history[-1].get("stopped_early") else "asha"
-    worker_s = sum(float(h.get("epoch_time_s", 0.0)) for h in history) * tspec.scaling.num_workers
+        last = history[-1]
+        stopped_by = "diverged" if last.get("diverged") else "patience" if last.get("stopped_early") else "asha"
+    # Wall time the workers were held, epoch by epoch (set-up, training, evaluation, checkpoints);
+    # epoch_time_s (training steps only) for histories written before epoch_wall_s existed.
+    worker_s = sum(float(h.get("epoch_wall_s", h.get("epoch_time_s", 0.0))) for h in history) * tspec.scaling.num_workers
     return {
         "trial_id": trial_id,
         "run_name": paths.run_name(trial_id),
