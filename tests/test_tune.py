@@ -197,6 +197,26 @@ def test_auto_and_inclusive_randint(fashion_folders: tuple[str, str], tmp_path: 
     assert drawn == {0, 1, 2, 3, 4, 5}, "randint must include both ends"
 
 
+def test_depths_fit_every_searched_model(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
+    from tltrain.preflight import count_layer_groups
+
+    tree = _tree(fashion_folders, str(tmp_path), "m", {
+        "model.name": {"choice": ["test_vit", "test_resnet"]}, "strategy.freeze_depth": "auto",
+    })  # fmt: skip
+    tree["model"]["name"] = "test_vit"  # 7 groups; test_resnet has 5
+    spec = parse_spec(tree)
+
+    def groups_of(variant: Any) -> int:
+        return count_layer_groups(variant, 10)
+
+    assert groups_of(spec) == 7
+    space = validate_space(spec, num_layer_groups=7, groups_of=groups_of)
+    assert space["strategy.freeze_depth"] == Dist("randint", (0, 5)), "auto must fit the model with fewest groups"
+    tree["tune"]["space"]["strategy.freeze_depth"] = {"choice": [0, 6]}
+    with pytest.raises(SpecError, match=r"tune.space.strategy.freeze_depth: depth 6 is beyond test_resnet \(coarse\)'s 5"):
+        validate_space(parse_spec(tree), num_layer_groups=7, groups_of=groups_of)
+
+
 def test_unknown_metric_fails_before_any_trial(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
     from tltrain.tune import run_tune
 
@@ -360,16 +380,28 @@ def _cli(spec_path: Path, *extra: str, env: dict[str, str], stderr: Any) -> subp
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, bufsize=1)
 
 
-def test_kill_driver_then_resume(
-    fashion_folders: tuple[str, str], s3_bucket: str, tmp_path: Path, ray_cluster: dict[str, str]
+def _epochs_of(tid: str, text: str) -> list[int]:
+    return [int(x.split("epoch ")[1].split("/")[0]) for x in text.splitlines() if x.startswith(f"[{tid}] epoch ")]
+
+
+def _done_of(text: str) -> list[str]:
+    return [x.split("]")[0].lstrip("[") for x in text.splitlines() if x.startswith("[") and "] done:" in x]
+
+
+@pytest.mark.parametrize("stop", ["sigkill", "ctrl-c"])
+def test_stop_driver_then_resume(
+    fashion_folders: tuple[str, str], s3_bucket: str, tmp_path: Path, ray_cluster: dict[str, str], stop: str
 ) -> None:
+    """SIGKILL: the driver dies at once. Ctrl-C (SIGINT): Tune saves its state and stops the running
+    trials, marking them TERMINATED; tltrain must not take those as finished. Either way --resume
+    keeps the finished trials and continues the others from their checkpoints."""
     from tltrain import storage
     from tltrain.config import load_spec
     from tltrain.sweep_store import sweep_paths
 
     num_samples = 4
     # ASHA's first rung at epoch 2: a trial that has reported epoch 1 cannot have been stopped yet.
-    tree = _tree(fashion_folders, f"{s3_bucket}/sweeps", "killed", SPACE, num_samples=num_samples, seed=1)
+    tree = _tree(fashion_folders, f"{s3_bucket}/sweeps", stop, SPACE, num_samples=num_samples, seed=1)
     tree["tune"]["scheduler"]["grace_epochs"] = 2
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(tree))
@@ -377,7 +409,7 @@ def test_kill_driver_then_resume(
     env = ray_cluster  # drivers attach to the test's cluster via RAY_ADDRESS; it outlives them
     log_lines: list[str] = []
 
-    # Kill the driver once a trial has finished while another has checkpointed epoch 1 only (so
+    # Stop the driver once a trial has finished while another has checkpointed epoch 1 only (so
     # --resume has a trial to keep and one to continue from its checkpoint).
     err_log = open(tmp_path / "driver-stderr.log", "w")
     proc = _cli(spec_path, env=env, stderr=err_log)
@@ -395,16 +427,32 @@ def test_kill_driver_then_resume(
                 (partway.add if line.startswith(f"[{tid}] epoch 1/") else partway.discard)(tid)
             if (done and partway - set(done)) or time.monotonic() > deadline:
                 break
-        partway -= set(done)
-        assert done and partway, "".join(log_lines)
+        assert done and partway - set(done), "".join(log_lines)
         children = _descendants(proc.pid)
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        proc.stdout.close()
-    assert not _reap(children), "processes outlived the killed driver"
-    before_kill = "".join(log_lines)
-    assert len(done) < num_samples, before_kill
+        if stop == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+            try:
+                rest, _ = proc.communicate(timeout=300)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rest, _ = proc.communicate()
+            log_lines.append(rest)
+        else:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            proc.stdout.close()
+    assert not _reap(children), "processes outlived the stopped driver"
+    before_stop = "".join(log_lines)
+    if stop == "ctrl-c":
+        assert proc.returncode == 130, before_stop
+        assert "interrupted:" in before_stop and "--resume" in before_stop, before_stop
+    # A trial that printed "done" before the driver stopped is finished; one that had not reached
+    # its last epoch is not, and must have no record (or --resume would take it as done).
+    done = _done_of(before_stop)
+    partway = {t for t in partway if t not in done and max(_epochs_of(t, before_stop)) < EPOCHS}
+    assert len(done) < num_samples and partway, before_stop
+    assert not any(storage.exists(paths.done_uri(tid)) for tid in partway), before_stop
 
     # Snapshot what the finished trials left in storage; --resume must not touch it.
     before = {tid: storage.list_files(paths.run_uri(tid)) for tid in done}
@@ -420,12 +468,12 @@ def test_kill_driver_then_resume(
     resumed = _cli(spec_path, "--resume", env=env, stderr=err_log)
     out, _ = resumed.communicate(timeout=500)
     err_log.close()
-    (tmp_path / "driver.log").write_text(before_kill + "--- resume ---\n" + out)
-    assert resumed.returncode == 0, before_kill + "--- resume ---\n" + out
+    (tmp_path / "driver.log").write_text(before_stop + "--- resume ---\n" + out)
+    assert resumed.returncode == 0, before_stop + "--- resume ---\n" + out
     summary = json.loads(out.strip().splitlines()[-1])
 
     trials = {t["trial_id"]: t for t in summary["trials"]}
-    assert len(trials) == num_samples, "".join(log_lines)
+    assert len(trials) == num_samples, before_stop
     brief = "; ".join(f"{tid} {t['status']} {t['epochs']} {t['stopped_by']} {t['error']}" for tid, t in trials.items())
     assert all(t["status"] == "TERMINATED" and t["epochs"] >= 1 for t in trials.values()), (
         f"{brief} (driver output: {tmp_path / 'driver.log'})"
@@ -435,12 +483,9 @@ def test_kill_driver_then_resume(
         assert storage.list_files(paths.run_uri(tid)) == before[tid], f"trial {tid} trained again after --resume"
         assert storage.list_files(paths.done_uri(tid)) == records_before[tid]
         assert f"[{tid}] epoch" not in out, f"trial {tid} trained again after --resume"
-    # Trials that had reported (so checkpointed) an epoch when the driver died continued from it.
-    def epochs_of(tid: str, text: str) -> list[int]:
-        return [int(x.split("epoch ")[1].split("/")[0]) for x in text.splitlines() if x.startswith(f"[{tid}] epoch ")]
-
+    # Trials that had reported (so checkpointed) an epoch when the driver stopped continued from it.
     for tid in set(trials) - set(done):
-        before_epochs, after_epochs = epochs_of(tid, before_kill), epochs_of(tid, out)
+        before_epochs, after_epochs = _epochs_of(tid, before_stop), _epochs_of(tid, out)
         if tid in partway:
             assert after_epochs and min(after_epochs) > 1, f"trial {tid} did not go on from epoch 1: {after_epochs}"
         if before_epochs and after_epochs:
@@ -490,3 +535,19 @@ def test_summary_orders_best_first_and_marks_the_cost_front(fashion_folders: tup
     assert {t["trial_id"] for t in summary["trials"] if t["pareto"]} == {"b", "c"}
     assert summary["cost_worker_s"] == 76.0 and summary["num_stopped_early"] == 1 and summary["num_errored"] == 1
     assert all("history" not in t for t in summary["trials"])
+
+    # The printed table: best first, and a GPU-hours column only when trials used GPUs.
+    import io
+
+    from tltrain.sweep_report import print_table
+
+    table = io.StringIO()
+    print_table(summary, ["optim.lr"], table)
+    lines = table.getvalue().splitlines()
+    assert lines[0].split() == ["trial", "optim.lr", "val/acc", "epochs", "stop", "worker-s", "pareto"]
+    assert [line.split()[0] for line in lines[1:6]] == ["b", "c", "a", "d", "e"]
+    on_gpu = [{**rec("a", 0.5, 7200.0), "gpu_hours": 2.0}, rec("b", 0.7, 40.0)]
+    table = io.StringIO()
+    print_table(summarize(spec, on_gpu), ["optim.lr"], table)
+    header, first = table.getvalue().splitlines()[:2]
+    assert "GPU-h" in header.split() and first.split()[0] == "b" and "2.000 GPU-hours" in table.getvalue()

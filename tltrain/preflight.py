@@ -96,6 +96,18 @@ def _check_batch(spec: JobSpec, num_train: int) -> None:
         )
 
 
+def count_layer_groups(spec: JobSpec, num_classes: int) -> int:
+    """Backbone layer groups (the head not counted) of the spec's model, built without weights:
+    for checking freeze depths of searched model variants."""
+    from tltrain.model import ModelError, build_model, layer_groups
+
+    try:
+        model = build_model(spec.model.model_copy(update={"weights": None}), num_classes)
+    except ModelError as err:
+        raise SpecError(str(err)) from None
+    return len(layer_groups(model, coarse=spec.strategy.group_granularity == "coarse")) - 1
+
+
 def build_plan(spec: JobSpec) -> TrainPlan:
     """Validate the spec against the real data and model. Raises SpecError / DataError naming the
     field or file; writes nothing but the local dataset cache."""

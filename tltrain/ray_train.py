@@ -238,15 +238,20 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=True)
 
 
+def keep_working_dir() -> None:
+    """Ray Train and Tune move workers and trial processes into a per-run directory unless this is
+    off; relative data, weights and storage paths in a spec must resolve against the job's working
+    directory, as on the driver. Set before a trainer or Tuner starts: Tune hands it on to trials."""
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+
+
 def build_trainer(spec: JobSpec, plan: TrainPlan, callbacks: list[Any], name: str | None = None) -> TorchTrainer:
     # The retrying wrapper: Ray's controller writes its run snapshot right after each checkpoint,
     # and a storage outage at that moment would otherwise fail the run with a ControllerError.
     filesystem, storage_path = storage.pyarrow_filesystem(spec.storage.uri, retry_s=storage_retry.OUTAGE_RETRY_S)
     if not storage.is_s3(spec.storage.uri):
         Path(storage_path).mkdir(parents=True, exist_ok=True)
-    # Ray Train moves workers into a per-run directory unless this is off; relative data and
-    # weights paths in a spec must resolve against the job's working directory, as on the driver.
-    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+    keep_working_dir()
     resources = {"CPU": spec.scaling.cpus_per_worker}
     if spec.scaling.use_gpu:
         resources["GPU"] = 1

@@ -16,10 +16,11 @@ Distributions (one per dotted spec path):
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, get_args, get_origin
+from typing import Any, Callable, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -178,16 +179,54 @@ def apply_config(spec: JobSpec, config: dict[str, Any], **updates: Any) -> JobSp
     return parse_spec(tree, "(trial)")
 
 
+def _check_values(spec: JobSpec, key: str, dist: Dist) -> None:
+    for value in dist.candidates():
+        try:
+            apply_config(spec, {key: value})
+        except SpecError as err:
+            detail = str(err).split("\n", 1)[-1].strip()
+            raise SpecError(f"tune.space.{key}: {value!r} is not a valid value ({detail})") from None
+
+
 def _is_depth_key(key: str) -> bool:
     return key == "strategy.freeze_depth" or key.startswith("strategy.unfreeze.")
 
 
-def validate_space(spec: JobSpec, num_layer_groups: int) -> dict[str, Dist]:
+# Searching these changes the model's layer groups, so depths are checked against every variant.
+_GROUP_KEYS = ("model.name", "strategy.group_granularity")
+
+
+def _fewest_groups(
+    spec: JobSpec, dists: dict[str, Dist], num_layer_groups: int, groups_of: Callable[[JobSpec], int] | None
+) -> tuple[int, str]:
+    """(layer groups, which model) of the searched model variant with the fewest groups: the depth
+    range every trial can take. Without group-changing keys in the space, the spec's own model."""
+    varied = {k: d for k, d in dists.items() if k in _GROUP_KEYS}
+    if not varied:
+        return num_layer_groups, spec.model.name
+    if groups_of is None:
+        raise SpecError(f"tune.space.{next(iter(varied))}: layer groups of the searched models are unknown")
+    fewest: tuple[int, str] | None = None
+    for values in itertools.product(*(d.candidates() for d in varied.values())):
+        variant = apply_config(spec, dict(zip(varied, values)))
+        n = groups_of(variant)
+        label = f"{variant.model.name} ({variant.strategy.group_granularity})"
+        if fewest is None or n < fewest[0]:
+            fewest = (n, label)
+    assert fewest is not None
+    return fewest
+
+
+def validate_space(
+    spec: JobSpec, num_layer_groups: int, groups_of: Callable[[JobSpec], int] | None = None
+) -> dict[str, Dist]:
     """The spec's search space, checked against JobSpec and the model; "auto" resolved.
 
     Raises SpecError naming the key for: no tune section or an empty space, a key that is not a
     (searchable) spec field, a bad distribution, a value the field rejects, a freeze depth beyond
     the model's `num_layer_groups`, and scheduler settings that cannot work with loop.epochs.
+    When the space also searches model.name or strategy.group_granularity, `groups_of(trial spec)`
+    counts each variant's groups and depths must fit the variant with the fewest.
     """
     if spec.tune is None:
         raise SpecError("tune: the spec has no tune: section (num_samples, metric, mode, space, ...)")
@@ -200,13 +239,24 @@ def validate_space(spec: JobSpec, num_layer_groups: int) -> dict[str, Dist]:
         raise SpecError(
             f"tune.scheduler.grace_epochs: {tune.scheduler.grace_epochs} is more than loop.epochs={spec.loop.epochs}"
         )
-    space: dict[str, Dist] = {}
+    parsed: dict[str, Dist | str] = {}
     for key, raw in tune.space.items():
         check_field_path(key)
         try:
-            dist = parse_distribution(key, raw)
+            parsed[key] = parse_distribution(key, raw)
         except ValueError as err:
             raise SpecError(f"tune.space.{err}") from None
+    for key, dist in parsed.items():
+        if isinstance(dist, Dist) and key in _GROUP_KEYS:
+            _check_values(spec, key, dist)
+    if any(_is_depth_key(k) for k in parsed):
+        num_layer_groups, model_label = _fewest_groups(
+            spec, {k: d for k, d in parsed.items() if isinstance(d, Dist)}, num_layer_groups, groups_of
+        )
+    else:
+        model_label = spec.model.name
+    space: dict[str, Dist] = {}
+    for key, dist in parsed.items():
         if dist == AUTO:
             if not _is_depth_key(key):
                 raise SpecError(
@@ -214,12 +264,7 @@ def validate_space(spec: JobSpec, num_layer_groups: int) -> dict[str, Dist]:
                 )
             dist = Dist("randint", (0, num_layer_groups)) if num_layer_groups > 0 else Dist("choice", (0,))
         assert isinstance(dist, Dist)
-        for value in dist.candidates():
-            try:
-                apply_config(spec, {key: value})
-            except SpecError as err:
-                detail = str(err).split("\n", 1)[-1].strip()
-                raise SpecError(f"tune.space.{key}: {value!r} is not a valid value ({detail})") from None
+        _check_values(spec, key, dist)
         if key.startswith("strategy.unfreeze."):
             epoch = key.rsplit(".", 1)[1]
             if not epoch.isdigit() or int(epoch) >= spec.loop.epochs:
@@ -228,7 +273,7 @@ def validate_space(spec: JobSpec, num_layer_groups: int) -> dict[str, Dist]:
             too_deep = [v for v in dist.candidates() if v != "all" and isinstance(v, int) and v > num_layer_groups]
             if too_deep:
                 raise SpecError(
-                    f"tune.space.{key}: depth {max(too_deep)} is beyond {spec.model.name}'s {num_layer_groups} "
+                    f"tune.space.{key}: depth {max(too_deep)} is beyond {model_label}'s {num_layer_groups} "
                     f"layer groups (use 0..{num_layer_groups}, \"all\", or auto)"
                 )
         space[key] = dist

@@ -18,14 +18,16 @@ import concurrent.futures
 import logging
 import math
 import sys
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ray import tune
 
+from tltrain import storage
+from tltrain.checkpoint import MANIFEST_FILE
 from tltrain.config import JobSpec, SpecError
-from tltrain.preflight import TrainPlan, build_plan
-from tltrain.ray_train import build_trainer, ensure_ray
+from tltrain.preflight import TrainPlan, build_plan, count_layer_groups
+from tltrain.ray_train import build_trainer, ensure_ray, keep_working_dir
 from tltrain.search_space import Dist, validate_space
 from tltrain.sweep_report import describe_sweep, describe_trial, print_table, summarize, track_sweep, track_trial
 from tltrain.sweep_store import (
@@ -112,6 +114,9 @@ class SweepCallback(tune.Callback):
         except Exception as err:  # noqa: BLE001 - a report must never stop the search
             log.warning("tune: %s for a trial failed: %s", method, err)
 
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._call("on_start", trial.trial_id)
+
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self._call("on_result", trial.trial_id, result)
 
@@ -124,8 +129,19 @@ class SweepCallback(tune.Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         # Every trial of the search, restored ones included, by its real id (trial directory
         # names can carry a suffix after a restore).
-        ended = [(t.trial_id, dict(t.config), _trial_error(t) if t.status == "ERROR" else None) for t in trials]
+        ended = [
+            EndedTrial(t.trial_id, dict(t.config), t.status, _trial_error(t) if t.status == "ERROR" else None)
+            for t in trials
+        ]
         self._call("on_end", ended)
+
+
+@dataclass
+class EndedTrial:
+    trial_id: str
+    config: dict[str, Any]
+    status: str  # Tune's status when the experiment ended
+    error: str | None
 
 
 def _trial_error(trial: Any) -> str:
@@ -149,11 +165,24 @@ class _SweepReporter:
         self.out = out
         self.parent = parent  # tracking.Tracker / NullTracker of the sweep
         self.records: dict[str, dict[str, Any]] = {}  # finished in this process
-        self.trials: list[tuple[str, dict[str, Any], str | None]] | None = None  # (id, config, error) at the end
+        self.trials: list[EndedTrial] | None = None  # every trial of the search, at the end
+        self.started: set[str] = set()  # trials this process ran
+        self.completed: set[str] = set()  # ... and saw end (finished, stopped by ASHA, or failed)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="tltrain-tune")
 
-    def on_end(self, trials: list[tuple[str, dict[str, Any], str | None]]) -> None:
+    def on_start(self, trial_id: str) -> None:
+        self.started.add(trial_id)
+
+    def on_end(self, trials: list[EndedTrial]) -> None:
         self.trials = trials
+
+    def unfinished(self, trial: EndedTrial) -> bool:
+        """Interrupted rather than ended: on Ctrl-C Tune stops running trials and marks them
+        TERMINATED without a completion event, and pending ones never ran. Trials restored as
+        TERMINATED (ended under an earlier driver) were not started here."""
+        if trial.status not in ("TERMINATED", "ERROR"):
+            return True
+        return trial.trial_id in self.started and trial.trial_id not in self.completed
 
     def on_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if result.get(_REPLAYED):
@@ -170,6 +199,7 @@ class _SweepReporter:
         )
 
     def on_done(self, trial_id: str, config: dict[str, Any], error: str | None) -> None:
+        self.completed.add(trial_id)
         self._pool.submit(self._finish_logged, trial_id, config, error)
 
     def _finish_logged(self, trial_id: str, config: dict[str, Any], error: str | None) -> None:
@@ -198,6 +228,18 @@ class _SweepReporter:
         self.records[trial_id] = record
         print(f"[{trial_id}] {describe_trial(record, self.spec)}", file=self.out, flush=True)
         return record
+
+    def checked(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The record, rebuilt from storage if `keep` has since deleted the checkpoint it names: a
+        trial ASHA stopped can still register one more epoch before its Train run is torn down."""
+        uri = record.get("best_checkpoint")
+        if uri is None or storage.exists(f"{uri}/{MANIFEST_FILE}"):
+            return record
+        fresh = build_record(self.spec, self.paths, record["trial_id"], record["config"], record["error"])
+        if fresh["error"] is None:
+            write_json(self.paths.done_uri(record["trial_id"]), fresh)
+        self.records[record["trial_id"]] = fresh
+        return fresh
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -304,11 +346,14 @@ def run_tune(spec: JobSpec, resume: bool = False, out: TextIO = sys.stdout) -> d
     if len(spec.name) > 110:
         raise SpecError("name: at most 110 characters for a sweep (each trial's run is <name>-<trial_id>)")
     plan = build_plan(spec)
-    space = validate_space(spec, plan.num_layer_groups)
+    space = validate_space(
+        spec, plan.num_layer_groups, groups_of=lambda variant: count_layer_groups(variant, len(plan.class_names))
+    )
     paths = sweep_paths(spec)
     restore = prepare_storage(spec, paths, resume)
 
     ensure_ray(spec.scaling.address)
+    keep_working_dir()  # else each trial process starts inside its Tune trial folder
     concurrent = _max_concurrent(spec, space)
     describe_sweep(spec, plan, space, concurrent, out)
     param_space = {key: _ray_domain(dist) for key, dist in space.items()}
@@ -327,23 +372,24 @@ def run_tune(spec: JobSpec, resume: bool = False, out: TextIO = sys.stdout) -> d
         if not restore:
             write_json(paths.spec_uri, spec.to_dict())  # from here on the name is taken
         try:
-            tuner = _tuner(spec, paths, trainable, param_space, concurrent, restore)
-            grid = tuner.fit()
+            _tuner(spec, paths, trainable, param_space, concurrent, restore).fit()
         finally:
             _LIVE.pop(paths.uri, None)
             reporter.close()
-        ended = reporter.trials
-        if ended is None:  # no end-of-experiment callback: fall back on the result grid
-            ended = [
-                (
-                    (r.metrics or {}).get("trial_id") or Path(r.path).name, dict(r.config or {}),
-                    str(r.error).strip().splitlines()[-1][:500] if r.error else None,
-                )
-                for r in grid
-            ]  # fmt: skip
+        if reporter.trials is None:  # Tune's cleanup always ends the experiment's callbacks
+            raise RuntimeError(f"tune: Ray Tune ended {spec.name} without reporting its trials; run --resume")
+        unfinished = [t.trial_id for t in reporter.trials if reporter.unfinished(t)]
+        if unfinished:
+            # Ctrl-C: Tune saved its state and stopped. No record for these trials, so --resume
+            # continues them from their checkpoints instead of taking them as done.
+            print(
+                f"interrupted: {len(unfinished)} trial(s) unfinished ({', '.join(unfinished)}); finished trials are "
+                f"kept. Continue with: tltrain tune SPEC --resume", file=out, flush=True,
+            )  # fmt: skip
+            raise KeyboardInterrupt
         # Trials that ended before a killed driver wrote their record, or whose record failed,
         # get it now; the others come from this driver's or an earlier one's records.
-        records = [reporter.finish(trial_id, config, error) for trial_id, config, error in ended]
+        records = [reporter.checked(reporter.finish(t.trial_id, t.config, t.error)) for t in reporter.trials]
         summary = summarize(spec, records)
         best = next((r for r in records if r["trial_id"] == summary["best_trial_id"]), None)
         track_sweep(parent, summary, best)
