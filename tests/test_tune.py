@@ -322,6 +322,8 @@ def test_sweep_asha_best_checkpoint_and_tracking(
     for t in trials:
         history = client.get_metric_history(by_name[f"sweep-{t['trial_id']}"].info.run_id, "val/acc")
         assert sorted(m.step for m in history) == list(range(1, t["epochs"] + 1))
+        # Each trial's best is the best epoch it reported (its best checkpoint, not its last).
+        assert t["best_metric"] == pytest.approx(max(m.value for m in history)), (t, [m.value for m in history])
 
     # Never overwrite: the same name again without --resume is refused before anything runs.
     with pytest.raises(SpecError, match="--resume"):
