@@ -236,6 +236,31 @@ def test_no_tune_section(fashion_folders: tuple[str, str], tmp_path: Path) -> No
 # --- a real sweep ------------------------------------------------------------------------------
 
 
+def test_relative_paths_mean_the_drivers_directory_in_every_trial(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
+    """Tune moves each trial process into its trial folder unless told not to; a relative
+    storage.uri or data path must mean the driver's directory there too (local Ray, whose workers
+    start in the driver's directory). Before the fix the runs landed under Ray's session folder
+    and the sweep ended with "no trial produced a checkpoint"."""
+    import shutil
+
+    work = tmp_path / "work"
+    for split, src in zip(("train", "val"), fashion_folders):
+        shutil.copytree(src, work / "data" / split)
+    tree = _tree(("data/train", "data/val"), "runs", "rel", {"optim.lr": {"choice": [1.0e-3, 3.0e-3]}}, num_samples=2)
+    tree["loop"].update(epochs=1, max_steps_per_epoch=3)
+    tree["tune"]["scheduler"] = {"kind": "fifo"}
+    tree["scaling"]["address"] = "local"
+    (work / "spec.yaml").write_text(yaml.safe_dump(tree))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run([sys.executable, "-m", "tltrain.cli", "tune", "spec.yaml", "--json"], cwd=work, env=env,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert [t["epochs"] for t in summary["trials"]] == [1, 1], summary["trials"]
+    best = Path(summary["best_checkpoint"])
+    assert best.is_relative_to(work / "runs" / "rel" / "runs") and (best / "MANIFEST.json").is_file(), best
+
+
 def _evaluate_checkpoint(checkpoint_uri: str, tmp: Path) -> tuple[float, dict[str, Any]]:
     """Load a checkpoint from storage and evaluate it exactly as ray_train.worker_fn builds val."""
     import torch
