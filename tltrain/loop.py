@@ -128,7 +128,8 @@ def evaluate(
     }
 
 
-def _improved(value: float, best: float | None, mode: str) -> bool:
+def improved(value: float, best: float | None, mode: str) -> bool:
+    """Whether `value` beats `best` under `mode` (anything beats no best yet)."""
     if best is None:
         return True
     return value > best if mode == "max" else value < best
@@ -272,7 +273,7 @@ def train(
         # A NaN/inf loss does not come back: stop (Ray ranks the NaN checkpoint last) rather than
         # fail, which would restart the workers from the last checkpoint into the same divergence.
         diverged = not (math.isfinite(metrics["train/loss"]) and math.isfinite(value))
-        if not diverged and _improved(value, state.best_metric, spec.storage.mode):
+        if not diverged and improved(value, state.best_metric, spec.storage.mode):
             state.best_metric = value
             state.evals_without_improvement = 0
         else:

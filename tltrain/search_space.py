@@ -243,12 +243,14 @@ def validate_space(
     for key, raw in tune.space.items():
         check_field_path(key)
         try:
-            parsed[key] = parse_distribution(key, raw)
+            dist = parse_distribution(key, raw)
         except ValueError as err:
             raise SpecError(f"tune.space.{err}") from None
-    for key, dist in parsed.items():
-        if isinstance(dist, Dist) and key in _GROUP_KEYS:
-            _check_values(spec, key, dist)
+        if dist == AUTO and not _is_depth_key(key):
+            raise SpecError(f"tune.space.{key}: \"auto\" is only for strategy.freeze_depth (every depth the model allows)")
+        if isinstance(dist, Dist):
+            _check_values(spec, key, dist)  # before model variants are built from these values
+        parsed[key] = dist
     if any(_is_depth_key(k) for k in parsed):
         num_layer_groups, model_label = _fewest_groups(
             spec, {k: d for k, d in parsed.items() if isinstance(d, Dist)}, num_layer_groups, groups_of
@@ -258,13 +260,8 @@ def validate_space(
     space: dict[str, Dist] = {}
     for key, dist in parsed.items():
         if dist == AUTO:
-            if not _is_depth_key(key):
-                raise SpecError(
-                    f"tune.space.{key}: \"auto\" is only for strategy.freeze_depth (every depth the model allows)"
-                )
             dist = Dist("randint", (0, num_layer_groups)) if num_layer_groups > 0 else Dist("choice", (0,))
         assert isinstance(dist, Dist)
-        _check_values(spec, key, dist)
         if key.startswith("strategy.unfreeze."):
             epoch = key.rsplit(".", 1)[1]
             if not epoch.isdigit() or int(epoch) >= spec.loop.epochs:

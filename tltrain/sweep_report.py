@@ -13,7 +13,8 @@ from typing import Any, TextIO
 from tltrain.config import JobSpec
 from tltrain.preflight import TrainPlan
 from tltrain.search_space import Dist
-from tltrain.sweep_store import SweepPaths, better, sweep_paths, trial_spec
+from tltrain.loop import improved
+from tltrain.sweep_store import SweepPaths, sweep_paths, trial_spec
 
 
 def describe_trial(record: dict[str, Any], spec: JobSpec) -> str:
@@ -56,7 +57,7 @@ def _pareto(records: list[dict[str, Any]], mode: str) -> None:
         r["pareto"] = False
     for r in scored:
         r["pareto"] = not any(
-            (q["best_metric"] == r["best_metric"] or better(q["best_metric"], r["best_metric"], mode))
+            (q["best_metric"] == r["best_metric"] or improved(q["best_metric"], r["best_metric"], mode))
             and q["cost_worker_s"] <= r["cost_worker_s"]
             and (q["best_metric"] != r["best_metric"] or q["cost_worker_s"] < r["cost_worker_s"])
             for q in scored

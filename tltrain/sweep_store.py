@@ -99,10 +99,6 @@ def read_json(uri: str) -> Any | None:
         return json.loads(local.read_text())
 
 
-def better(a: float, b: float, mode: str) -> bool:
-    return a > b if mode == "max" else a < b
-
-
 def train_run_result(paths: SweepPaths, trial_id: str) -> Any | None:
     """The trial's Ray Train Result from storage (checkpoints and their metrics), None before its
     first checkpoint."""
@@ -145,10 +141,7 @@ def build_record(
     tspec = trial_spec(spec, paths, trial_id, config)
     history, best_uri, best_ckpt_metric = _read_train_run(paths, trial_id, metric, mode)
     values = [float(h[metric]) for h in history if is_metric_value(h.get(metric))]
-    best = None
-    for v in values:
-        if best is None or better(v, best, mode):
-            best = v
+    best = (max if mode == "max" else min)(values, default=None)
     epochs = int(history[-1]["epoch"]) if history else 0
     stopped_by = None
     if error is None and 0 < epochs < tspec.loop.epochs:
