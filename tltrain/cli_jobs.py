@@ -121,26 +121,23 @@ def add_commands(subparsers: Any) -> None:
     jobs = subparsers.add_parser("jobs", help="list, inspect, follow and stop jobs on a Ray cluster")
     jsub = jobs.add_subparsers(dest="jobs_command", required=True)
 
-    q = jsub.add_parser("list", help="all jobs on the cluster")
-    add_address_arg(q)
-    q.add_argument("--json", action="store_true", help="print the jobs as a JSON list")
-    q.set_defaults(func=cmd_jobs_list)
+    def add(name: str, summary: str, func: Callable[..., int], job_id: bool = True) -> argparse.ArgumentParser:
+        q = jsub.add_parser(name, help=summary)
+        if job_id:
+            q.add_argument("job_id", metavar="ID")
+        add_address_arg(q)
+        q.set_defaults(func=func)
+        return q
 
-    q = jsub.add_parser("status", help="a job's status")
-    q.add_argument("job_id", metavar="ID")
-    add_address_arg(q)
-    q.add_argument("--json", action="store_true", help="print the job as one JSON object")
-    q.set_defaults(func=cmd_jobs_status)
-
-    q = jsub.add_parser("logs", help="a job's driver log (progress lines, the JSON summary)")
-    q.add_argument("job_id", metavar="ID")
-    add_address_arg(q)
-    q.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its status")
-    q.set_defaults(func=cmd_jobs_logs)
-
-    q = jsub.add_parser("stop", help="stop a job and wait until it has ended")
-    q.add_argument("job_id", metavar="ID")
-    add_address_arg(q)
+    add("list", "all jobs on the cluster", cmd_jobs_list, job_id=False).add_argument(
+        "--json", action="store_true", help="print the jobs as a JSON list"
+    )
+    add("status", "a job's status", cmd_jobs_status).add_argument(
+        "--json", action="store_true", help="print the job as one JSON object"
+    )
+    add("logs", "a job's driver log (progress lines, the JSON summary)", cmd_jobs_logs).add_argument(
+        "--follow", action="store_true", help="stream until the job ends; exit with its status"
+    )
+    q = add("stop", "stop a job and wait until it has ended", cmd_jobs_stop)
     q.add_argument("--no-wait", action="store_true", help="return once the stop is requested")
     q.add_argument("--timeout-s", type=float, default=120.0, help="how long to wait for the job to end")
-    q.set_defaults(func=cmd_jobs_stop)
