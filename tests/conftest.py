@@ -24,8 +24,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -103,6 +103,8 @@ def s3_bucket(s3_server: str) -> str:
 @pytest.fixture(scope="session")
 def fashion_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """Real Fashion-MNIST images as ImageFolder trees: 30 train / 10 val per class (10 classes)."""
-    from tltrain.packaged_data import materialize_fashion_mnist
+    from tltrain.data.packaged import materialize_fashion_mnist
 
-    return materialize_fashion_mnist(str(tmp_path_factory.mktemp("fashion")), train_per_class=30, val_per_class=10, seed=0)
+    return materialize_fashion_mnist(
+        str(tmp_path_factory.mktemp("fashion")), train_per_class=30, val_per_class=10, seed=0
+    )

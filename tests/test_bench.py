@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 import yaml
 from PIL import Image
 
-from tltrain.bench import SyntheticLoader
-from tltrain.checkpoint import load_model_state
-from tltrain.config import parse_spec
-from tltrain.flops import peak_flops, train_flops_per_image
-from tltrain.loop import train
-from tltrain.model import build_model, layer_groups
-from tltrain.optim import apply_freeze
-from tltrain.synthetic_images import make_synthetic_jpeg_folder
+from tltrain.core.checkpoint import load_model_state
+from tltrain.core.flops import peak_flops, train_flops_per_image
+from tltrain.core.loop import train
+from tltrain.core.model import build_model, layer_groups
+from tltrain.core.optim import apply_freeze
+from tltrain.data.synthetic import make_synthetic_jpeg_folder
+from tltrain.execution.bench import SyntheticLoader
+from tltrain.spec.load import parse_spec
 
 RATE_KEYS = ("bare_img_per_s", "ray_img_per_s", "e2e_img_per_s")
 
@@ -81,8 +82,8 @@ def test_bench_command_reports_three_rates_ratios_and_the_frozen_comparison(
 
 @pytest.mark.integration
 def test_bench_end_to_end_on_prepared_shards(local_ray: None, fashion_folders: tuple[str, str], tmp_path: Path) -> None:
-    from tltrain.bench import run_bench
-    from tltrain.prepare import prepare
+    from tltrain.execution.bench import run_bench
+    from tltrain.execution.prepare import prepare
 
     tree = _spec_tree(*fashion_folders, tmp_path, format="shards", prepared=str(tmp_path / "shards"))
     tree["strategy"]["freeze_depth"] = 0
@@ -95,11 +96,17 @@ def test_bench_end_to_end_on_prepared_shards(local_ray: None, fashion_folders: t
 
 
 def _tiny_spec(**loop: Any):
-    return parse_spec({
-        "name": "t", "model": {"name": "test_resnet"}, "data": {"train": "unused", "val_fraction": 0.2, "image_size": 32},
-        "strategy": {"freeze_depth": 2}, "optim": {"lr": 0.01},
-        "loop": {"epochs": 1, "precision": "fp32", "max_steps_per_epoch": 2, **loop}, "tracking": {"enabled": False},
-    })
+    return parse_spec(
+        {
+            "name": "t",
+            "model": {"name": "test_resnet"},
+            "data": {"train": "unused", "val_fraction": 0.2, "image_size": 32},
+            "strategy": {"freeze_depth": 2},
+            "optim": {"lr": 0.01},
+            "loop": {"epochs": 1, "precision": "fp32", "max_steps_per_epoch": 2, **loop},
+            "tracking": {"enabled": False},
+        }
+    )
 
 
 def test_frozen_groups_run_no_backward_and_stay_unchanged() -> None:
@@ -120,8 +127,17 @@ def test_frozen_groups_run_no_backward_and_stay_unchanged() -> None:
     assert frozen < full - 0.1 * forward
     frozen_names = {n for g in groups[:2] for n in g.param_names}
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n in frozen_names}
-    train(spec, model, groups, SyntheticLoader(8, 32, 4, 2, cpu, False), SyntheticLoader(8, 32, 4, 1, cpu, False),
-          device=cpu, num_classes=4, report=lambda m, c: None, meta={})
+    train(
+        spec,
+        model,
+        groups,
+        SyntheticLoader(8, 32, 4, 2, cpu, False),
+        SyntheticLoader(8, 32, 4, 1, cpu, False),
+        device=cpu,
+        num_classes=4,
+        report=lambda m, c: None,
+        meta={},
+    )
     for n, value in before.items():
         assert torch.equal(dict(model.named_parameters())[n], value), n
         assert not dict(model.named_parameters())[n].requires_grad
@@ -158,8 +174,17 @@ def test_compiled_model_checkpoint_loads_into_a_plain_model(monkeypatch: pytest.
         assert checkpoint_dir is not None
         saved.update(load_model_state(checkpoint_dir))
 
-    train(spec, model, groups, SyntheticLoader(8, 32, 4, 2, cpu, False), SyntheticLoader(8, 32, 4, 1, cpu, False),
-          device=cpu, num_classes=4, report=report, meta={})
+    train(
+        spec,
+        model,
+        groups,
+        SyntheticLoader(8, 32, 4, 2, cpu, False),
+        SyntheticLoader(8, 32, 4, 1, cpu, False),
+        device=cpu,
+        num_classes=4,
+        report=report,
+        meta={},
+    )
     assert wrapped and any(k.startswith("_orig_mod.") for k in wrapped[0].state_dict())
     assert not any("_orig_mod" in k for k in saved)
     fresh = build_model(spec.model, 4)

@@ -60,7 +60,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("label,mutate,needle", CASES, ids=[c[0] for c in CASES])
-def test_bad_spec_exits_nonzero_naming_the_field_and_writes_nothing(tmp_path, capsys, fashion_folders, label, mutate, needle):
+def test_bad_spec_exits_nonzero_naming_the_field_and_writes_nothing(
+    tmp_path, capsys, fashion_folders, label, mutate, needle
+):
     spec = _base(*fashion_folders)
     mutate(spec)
     result = _run(tmp_path, spec, capsys=capsys)

@@ -16,8 +16,9 @@ import json
 import os
 import re
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jsonschema
 import pytest
@@ -25,7 +26,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from tltrain.config import parse_spec
+from tltrain.spec.load import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data"
@@ -73,7 +74,11 @@ def _strict(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return schema
     out = {k: _strict(v) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -160,7 +165,7 @@ def test_crd_schemas_carry_their_provenance() -> None:
 
 def test_crd_validator_rejects_what_the_api_server_would() -> None:
     """The strict validator is not vacuous: typos, wrong types and missing required fields fail."""
-    (_, cluster), = [(n, d) for n, d in _all_manifests() if d["kind"] == "RayCluster"]
+    ((_, cluster),) = [(n, d) for n, d in _all_manifests() if d["kind"] == "RayCluster"]
     validator = _crd_validator("RayCluster")
     assert not list(validator.iter_errors(cluster))
     typo = copy.deepcopy(cluster)
@@ -183,7 +188,9 @@ def test_kuberay_manifests_validate_against_crd(kind: str) -> None:
     for name, doc in docs:
         assert doc["apiVersion"] == "ray.io/v1", name
         errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
-        assert not errors, f"{name}: " + "; ".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+        assert not errors, f"{name}: " + "; ".join(
+            f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors
+        )
         # CEL rules (x-kubernetes-validations) are not run by jsonschema: keep clear of fields that have them.
         schema = json.loads(CRD_SCHEMAS[kind].read_text())["openAPIV3Schema"]
         assert list(_cel_paths(schema, doc)) == [], name
@@ -212,7 +219,8 @@ def test_kuberay_clusters_have_gpu_workers_and_memory_backed_shm() -> None:
         head_limits = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert "nvidia.com/gpu" not in head_limits, f"{name}: the head is a CPU node"
         gpu_groups = [
-            g for g in cluster["workerGroupSpecs"]
+            g
+            for g in cluster["workerGroupSpecs"]
             if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1
         ]
         assert gpu_groups, f"{name}: a GPU worker group"

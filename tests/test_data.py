@@ -12,18 +12,11 @@ import torch
 from PIL import Image
 
 from tltrain import storage
-from tltrain.config import DataSpec
-from tltrain.data import (
-    DataError,
-    build_eval_loader,
-    build_train_loader,
-    build_transform,
-    load_rgb,
-    plan_dataset,
-    resolve_data_config,
-    scan_image_folder,
-)
-from tltrain.packaged_data import FASHION_MNIST_CLASSES, materialize_fashion_mnist
+from tltrain.data.decode import load_rgb
+from tltrain.data.folder import DataError, plan_dataset, scan_image_folder
+from tltrain.data.loaders import build_eval_loader, build_train_loader, build_transform, resolve_data_config
+from tltrain.data.packaged import FASHION_MNIST_CLASSES, materialize_fashion_mnist
+from tltrain.spec.schema import DataSpec
 
 
 def _folder(root: Path, counts: dict[str, int], size: int = 8) -> Path:
@@ -160,7 +153,9 @@ def test_s3_dataset_scans_through_cache(s3_bucket: str, tmp_path: Path) -> None:
     train, val = materialize_fashion_mnist(str(tmp_path / "src"), train_per_class=6, val_per_class=2)
     storage.upload_tree(train, f"{s3_bucket}/fashion/train")
     storage.upload_tree(val, f"{s3_bucket}/fashion/val")
-    spec = DataSpec(train=f"{s3_bucket}/fashion/train", val=f"{s3_bucket}/fashion/val", cache_dir=str(tmp_path / "cache"))
+    spec = DataSpec(
+        train=f"{s3_bucket}/fashion/train", val=f"{s3_bucket}/fashion/val", cache_dir=str(tmp_path / "cache")
+    )
     plan = plan_dataset(spec, seed=0)
     assert len(plan.train) == 60 and len(plan.val) == 20
     assert all(p.startswith(str(tmp_path / "cache")) for p, _ in plan.train + plan.val)

@@ -21,14 +21,15 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
 
-from tltrain import storage, storage_retry
-from tltrain.checkpoint import (
+from tltrain import storage
+from tltrain.core.checkpoint import (
     MANIFEST_FILE,
     MODEL_FILE,
     STATE_FILE,
@@ -37,6 +38,7 @@ from tltrain.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from tltrain.storage import _retry as storage_retry
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -92,7 +94,7 @@ class RayCluster:
 
 
 @pytest.fixture(scope="module")
-def s3_proxy(s3_server: str) -> Iterator["FlakyProxy"]:
+def s3_proxy(s3_server: str) -> Iterator[FlakyProxy]:
     """Every S3 request of the runs in this module goes through this forwarder (transparent until a
     test arms an outage); the test itself talks to the S3 server directly."""
     with FlakyProxy(int(s3_server.rsplit(":", 1)[1])) as proxy:
@@ -100,17 +102,42 @@ def s3_proxy(s3_server: str) -> Iterator["FlakyProxy"]:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(s3_proxy: "FlakyProxy") -> Iterator[RayCluster]:
+def ray_cluster(s3_proxy: FlakyProxy) -> Iterator[RayCluster]:
     """A 2-CPU Ray head in its own session; workers inherit the (proxied) S3 endpoint and fake keys."""
     temp_dir = tempfile.mkdtemp(prefix="tlf", dir="/tmp")  # short: Ray's unix socket paths are limited
     port = _free_port()
-    ports = {flag: _free_port() for flag in (
-        "--dashboard-port", "--ray-client-server-port", "--node-manager-port", "--object-manager-port",
-        "--dashboard-agent-grpc-port", "--dashboard-agent-listen-port", "--metrics-export-port", "--runtime-env-agent-port",
-    )}
-    cmd = [RAY, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2", "--temp-dir", temp_dir,
-           "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--object-store-memory", str(200 << 20),
-           "--disable-usage-stats"]
+    ports = {
+        flag: _free_port()
+        for flag in (
+            "--dashboard-port",
+            "--ray-client-server-port",
+            "--node-manager-port",
+            "--object-manager-port",
+            "--dashboard-agent-grpc-port",
+            "--dashboard-agent-listen-port",
+            "--metrics-export-port",
+            "--runtime-env-agent-port",
+        )
+    }
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--port",
+        str(port),
+        "--num-cpus",
+        "2",
+        "--temp-dir",
+        temp_dir,
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--object-store-memory",
+        str(200 << 20),
+        "--disable-usage-stats",
+    ]
     for flag, value in ports.items():
         cmd += [flag, str(value)]
     env = _cli_env(s3_proxy)
@@ -152,8 +179,14 @@ def _spec(
     spec = {
         "name": name,
         "model": {"name": "test_resnet"},
-        "data": {"train": fashion[0], "val": fashion[1], "image_size": 32, "loader_workers": 0, "augment": "none",
-                 "max_images_per_class": 16},
+        "data": {
+            "train": fashion[0],
+            "val": fashion[1],
+            "image_size": 32,
+            "loader_workers": 0,
+            "augment": "none",
+            "max_images_per_class": 16,
+        },
         "strategy": {"freeze_depth": 1},
         "optim": {"lr": 3.0e-3, "weight_decay": 0.01},
         "schedule": {"kind": "constant"},
@@ -171,7 +204,7 @@ def _spec(
 STEPS_PER_EPOCH = 10
 
 
-def _cli_env(proxy: "FlakyProxy") -> dict[str, str]:
+def _cli_env(proxy: FlakyProxy) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", AWS_ENDPOINT_URL=proxy.url)
     return env
@@ -180,7 +213,7 @@ def _cli_env(proxy: "FlakyProxy") -> dict[str, str]:
 class Cli:
     """`python -m tltrain.cli ...` in the background, output to files (read while it runs)."""
 
-    def __init__(self, tmp_path: Path, label: str, proxy: "FlakyProxy", *args: str) -> None:
+    def __init__(self, tmp_path: Path, label: str, proxy: FlakyProxy, *args: str) -> None:
         self.out_path, self.err_path = tmp_path / f"{label}.out", tmp_path / f"{label}.err"
         self.started = time.monotonic()
         with open(self.out_path, "wb") as out, open(self.err_path, "wb") as err:
@@ -204,7 +237,9 @@ class Cli:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"CLI still running after {timeout_s:.0f}s\n{self.stdout[-2000:]}\n{self.stderr[-4000:]}")
+            raise AssertionError(
+                f"CLI still running after {timeout_s:.0f}s\n{self.stdout[-2000:]}\n{self.stderr[-4000:]}"
+            ) from None
 
     def summary(self) -> dict[str, Any]:
         return json.loads(self.stdout.strip().splitlines()[-1])
@@ -222,9 +257,13 @@ def _wait_for(predicate: Any, timeout_s: float, what: str, cli: Cli | None = Non
         if value:
             return value
         if cli is not None and cli.proc.poll() is not None:
-            raise AssertionError(f"CLI exited ({cli.proc.returncode}) before {what}\n{cli.stdout[-2000:]}\n{cli.stderr[-4000:]}")
+            raise AssertionError(
+                f"CLI exited ({cli.proc.returncode}) before {what}\n{cli.stdout[-2000:]}\n{cli.stderr[-4000:]}"
+            )
         time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}" + (f"\n{cli.stderr[-4000:]}" if cli else ""))
+    raise AssertionError(
+        f"timed out after {timeout_s:.0f}s waiting for {what}" + (f"\n{cli.stderr[-4000:]}" if cli else "")
+    )
 
 
 def _epoch_lines(stdout: str, total: int) -> list[int]:
@@ -262,7 +301,7 @@ def _registered_latest(run_uri: str) -> str | None:
 
 @pytest.mark.integration
 def test_worker_sigkill_mid_epoch_restores_from_last_checkpoint(
-    tmp_path: Path, s3_proxy: "FlakyProxy", ray_cluster: RayCluster, s3_bucket: str, fashion_folders: tuple[str, str]
+    tmp_path: Path, s3_proxy: FlakyProxy, ray_cluster: RayCluster, s3_bucket: str, fashion_folders: tuple[str, str]
 ) -> None:
     epochs = 3
     spec = _spec(tmp_path, fashion_folders, s3_bucket, "kill-worker", epochs, ray_cluster.address)
@@ -276,13 +315,17 @@ def test_worker_sigkill_mid_epoch_restores_from_last_checkpoint(
     registered = _registered_latest(run_uri)
     victim = workers[-1]
     os.kill(victim, signal.SIGKILL)
-    print(f"SIGKILL worker pid {victim} of {workers}; latest registered checkpoint {registered}, "
-          f"complete in storage: {_complete_checkpoints(run_uri)}")
+    print(
+        f"SIGKILL worker pid {victim} of {workers}; latest registered checkpoint {registered}, "
+        f"complete in storage: {_complete_checkpoints(run_uri)}"
+    )
 
     assert cli.wait(600) == 0, cli.stderr[-5000:]
     assert not _alive(victim)
     summary = cli.summary()
-    resumed = re.search(r"resuming kill-worker from \S+/(checkpoint_\S+) \(epoch (\d+), global_step (\d+)\)", cli.stderr)
+    resumed = re.search(
+        r"resuming kill-worker from \S+/(checkpoint_\S+) \(epoch (\d+), global_step (\d+)\)", cli.stderr
+    )
     assert resumed, cli.stderr[-5000:]  # the worker group was restarted from a checkpoint ...
     # ... the last one registered before the kill, or a later one: on an idle machine an epoch can
     # finish and register in the 0.5 s between reading the latest and the kill (names sort by time).
@@ -306,7 +349,7 @@ def test_worker_sigkill_mid_epoch_restores_from_last_checkpoint(
 
 @pytest.mark.integration
 def test_driver_sigkill_then_rerun_resumes(
-    tmp_path: Path, s3_proxy: "FlakyProxy", ray_cluster: RayCluster, s3_bucket: str, fashion_folders: tuple[str, str]
+    tmp_path: Path, s3_proxy: FlakyProxy, ray_cluster: RayCluster, s3_bucket: str, fashion_folders: tuple[str, str]
 ) -> None:
     epochs = 3
     spec = _spec(tmp_path, fashion_folders, s3_bucket, "kill-driver", epochs, ray_cluster.address)
@@ -323,7 +366,9 @@ def test_driver_sigkill_then_rerun_resumes(
 
     second = Cli(tmp_path, "second", s3_proxy, "train", str(spec), "--json")
     assert second.wait(600) == 0, second.stderr[-5000:]
-    resumed = re.search(r"resuming kill-driver from \S+/(checkpoint_\S+) \(epoch (\d+), global_step (\d+)\)", second.stderr)
+    resumed = re.search(
+        r"resuming kill-driver from \S+/(checkpoint_\S+) \(epoch (\d+), global_step (\d+)\)", second.stderr
+    )
     assert resumed, second.stderr[-5000:]
     assert resumed.group(1) == registered
     done_before = int(resumed.group(2))
@@ -377,7 +422,7 @@ class FlakyProxy:
         self.outages.append({"cut": cut.decode(errors="replace"), "start": time.monotonic(), "end": None})
         self._down.set()
 
-    def __enter__(self) -> "FlakyProxy":
+    def __enter__(self) -> FlakyProxy:
         self._thread.start()
         return self
 
@@ -406,7 +451,7 @@ class FlakyProxy:
                 continue
             try:
                 client, _ = self._listener.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
@@ -488,8 +533,12 @@ def test_s3_outages_during_checkpoint_upload_and_ray_state_write_are_ridden_out(
     assert summary["epochs_completed"] == epochs and summary["epochs_this_invocation"] == epochs
     assert _epoch_lines(cli.stdout, epochs) == list(range(1, epochs + 1))
     # Retried in place (each retry logged), by the worker and by Ray's controller; no restart.
-    assert re.search(r"RayTrainWorker.*upload s3://\S+/model\.safetensors: storage unavailable", cli.stderr), cli.stderr[-5000:]
-    assert re.search(r"TrainController.*write \S+checkpoint_manager_snapshot\.json: storage unavailable", cli.stderr), cli.stderr[-5000:]
+    assert re.search(r"RayTrainWorker.*upload s3://\S+/model\.safetensors: storage unavailable", cli.stderr), (
+        cli.stderr[-5000:]
+    )
+    assert re.search(r"TrainController.*write \S+checkpoint_manager_snapshot\.json: storage unavailable", cli.stderr), (
+        cli.stderr[-5000:]
+    )
     assert "resuming s3-outage" not in cli.stderr and "ControllerError" not in cli.stderr
     run_uri = f"{s3_bucket}/runs/s3-outage"
     cut_name = outages[0]["cut"].split("/")[-2]
@@ -532,7 +581,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
     err = second.stderr
     assert f"{latest} is corrupt: {MODEL_FILE} does not match its sha256" in err, err[-5000:]
     assert "falling back to the previous checkpoint" in err
-    assert re.search(rf"resuming bitrot from s3://\S+/{older} \(epoch 1, global_step {STEPS_PER_EPOCH}\)", err), err[-5000:]
+    assert re.search(rf"resuming bitrot from s3://\S+/{older} \(epoch 1, global_step {STEPS_PER_EPOCH}\)", err), err[
+        -5000:
+    ]
     # Epoch 2 is trained again from the good epoch-1 checkpoint, then epoch 3.
     assert _epoch_lines(second.stdout, 3) == [2, 3], second.stdout
     # ... and it is the same epoch 2 as the first time (weights, optimizer and schedule restored;
@@ -555,10 +606,16 @@ def _local_run(tmp_path: Path) -> tuple[Any, Path, list[Path]]:
     """A local run folder with four complete checkpoints of a tiny model (epochs 1-4)."""
     from torch import nn
 
-    from tltrain.config import parse_spec
+    from tltrain.spec.load import parse_spec
 
-    spec = parse_spec({"name": "r", "model": {"name": "test_resnet"}, "data": {"train": "/d", "val_fraction": 0.1},
-                       "storage": {"uri": str(tmp_path / "runs")}})
+    spec = parse_spec(
+        {
+            "name": "r",
+            "model": {"name": "test_resnet"},
+            "data": {"train": "/d", "val_fraction": 0.1},
+            "storage": {"uri": str(tmp_path / "runs")},
+        }
+    )
     run = tmp_path / "runs" / "r"
     dirs = []
     for epoch in range(1, 5):
@@ -574,7 +631,7 @@ def _restore_from(monkeypatch: pytest.MonkeyPatch, spec: Any, latest: Path) -> t
     import ray.train
     from torch import nn
 
-    from tltrain import ray_train
+    from tltrain.execution import trainer as ray_train
 
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint(path=str(latest)))
     model = nn.Linear(2, 2)
@@ -595,7 +652,9 @@ def test_restore_falls_back_past_corrupt_and_incomplete_checkpoints(
     assert resume.meta["epoch"] == 1 and float(model.weight[0, 0].detach()) == 1.0
     assert rejected == [str(c3), str(c2)]
     messages = [r.getMessage() for r in caplog.records]
-    assert any(f"{c3} is corrupt: {MODEL_FILE} does not match its sha256; falling back" in m for m in messages), messages
+    assert any(f"{c3} is corrupt: {MODEL_FILE} does not match its sha256; falling back" in m for m in messages), (
+        messages
+    )
     assert any(f"{c2} is incomplete: no {MANIFEST_FILE}" in m for m in messages), messages
     assert any(m.startswith(f"resuming r from {c1} (epoch 1, global_step 10)") for m in messages), messages
 
@@ -628,7 +687,10 @@ def test_restore_with_no_complete_checkpoint_says_what_to_do(tmp_path: Path, mon
     spec, run, dirs = _local_run(tmp_path)
     for d in dirs:
         (d / MANIFEST_FILE).unlink()
-    with pytest.raises(CheckpointError, match=rf"no complete checkpoint to resume r from \(3 tried under {re.escape(str(run))}\); delete"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"no complete checkpoint to resume r from \(3 tried under {re.escape(str(run))}\); delete",
+    ):
         _restore_from(monkeypatch, spec, dirs[2])
 
 
@@ -637,7 +699,7 @@ def test_best_checkpoint_skips_ones_a_restore_rejected(tmp_path: Path) -> None:
 
     import ray.train
 
-    from tltrain.ray_train import INVALID_CHECKPOINTS_KEY, best_checkpoint
+    from tltrain.execution.trainer import INVALID_CHECKPOINTS_KEY, best_checkpoint
 
     spec, _run, (c1, c2, c3, c4) = _local_run(tmp_path)
     meta = json.loads((c4 / "meta.json").read_text())
@@ -653,13 +715,19 @@ def test_best_checkpoint_skips_ones_a_restore_rejected(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_checkpoint_upload_puts_the_manifest_last(tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checkpoint_upload_puts_the_manifest_last(
+    tmp_path: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
     ckpt = save_checkpoint(tmp_path / "c", {"w": torch.ones(3)}, {"optimizer": {}}, {"epoch": 1})
     order: list[str] = []
     real_upload = storage._upload
-    monkeypatch.setattr(storage, "_upload", lambda client, src, bucket, key: (real_upload(client, src, bucket, key), order.append(Path(key).name)))
+    monkeypatch.setattr(
+        storage,
+        "_upload",
+        lambda client, src, bucket, key: (real_upload(client, src, bucket, key), order.append(Path(key).name)),
+    )
     assert storage.upload_tree(str(ckpt), f"{s3_bucket}/run/c", last=[MANIFEST_FILE], retry_s=5) == 4
     assert order[-1] == MANIFEST_FILE and sorted(order[:-1]) == sorted(["meta.json", MODEL_FILE, STATE_FILE])
 
@@ -677,7 +745,7 @@ def test_upload_retries_through_an_outage_and_gives_up_on_refusals(
         # Down for 4 s: the upload waits it out (logging each retry) and completes.
         proxy.down_for(4.0)
         t0 = time.monotonic()
-        with caplog.at_level("WARNING", logger="tltrain.storage_retry"):
+        with caplog.at_level("WARNING", logger="tltrain.storage._retry"):
             storage.upload_tree(str(ckpt), f"{s3_bucket}/run/c", last=[MANIFEST_FILE], retry_s=60)
         assert time.monotonic() - t0 >= 3.0
         assert any("storage unavailable" in r.getMessage() for r in caplog.records)
@@ -715,7 +783,7 @@ def test_rays_filesystem_rides_out_an_outage(
         with fs.open_output_stream(f"{base}/before.json") as out:
             out.write(b"{}")
         proxy.down_for(4.0)
-        with caplog.at_level("WARNING", logger="tltrain.storage_retry"):
+        with caplog.at_level("WARNING", logger="tltrain.storage._retry"):
             with fs.open_output_stream(f"{base}/run/snapshot.json") as out:
                 out.write(b'{"latest": 1}')
         assert any("storage unavailable" in r.getMessage() for r in caplog.records)
@@ -724,7 +792,10 @@ def test_rays_filesystem_rides_out_an_outage(
             assert stream.read() == b'{"latest": 1}'
         proxy.down_for(3.0)
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-        assert {i.path.rsplit("/", 1)[-1] for i in infos if i.type == pafs.FileType.File} == {"before.json", "snapshot.json"}
+        assert {i.path.rsplit("/", 1)[-1] for i in infos if i.type == pafs.FileType.File} == {
+            "before.json",
+            "snapshot.json",
+        }
         # Not found is an answer, not an outage: no retry.
         t0 = time.monotonic()
         with pytest.raises(FileNotFoundError):

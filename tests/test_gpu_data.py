@@ -14,30 +14,36 @@ import numpy as np
 import pytest
 import torch
 
-from tltrain.config import JobSpec, SpecError, parse_spec
-from tltrain.data import DataError, build_eval_loader, build_train_loader, build_transform, load_rgb
-from tltrain.gpu_data import (
-    INDEX_FILE,
-    LIGHT_RATIO,
-    build_shard_loaders,
-    read_index,
-    sample_crop_boxes,
-)
-from tltrain.preflight import build_plan
-from tltrain.prepare import add_commands, prepare
+from tltrain.data.decode import load_rgb
+from tltrain.data.device import INDEX_FILE, LIGHT_RATIO, build_shard_loaders, read_index, sample_crop_boxes
+from tltrain.data.folder import DataError
+from tltrain.data.loaders import build_eval_loader, build_train_loader, build_transform
+from tltrain.execution.preflight import build_plan
+from tltrain.execution.prepare import add_commands, prepare
+from tltrain.spec.load import parse_spec
+from tltrain.spec.schema import JobSpec, SpecError
 
 BATCH = 8
 
 
 def _spec(train: str, val: str | None, prepared: str, **over: object) -> JobSpec:
-    data: dict[str, object] = {"train": train, "image_size": 32, "loader_workers": 0, "format": "shards", "prepared": prepared}
+    data: dict[str, object] = {
+        "train": train,
+        "image_size": 32,
+        "loader_workers": 0,
+        "format": "shards",
+        "prepared": prepared,
+    }
     if val:
         data["val"] = val
     else:
         data["val_fraction"] = 0.2
     tree: dict[str, object] = {
-        "name": "shards", "model": {"name": "test_resnet"}, "data": data,
-        "loop": {"precision": "fp32", "epochs": 1}, "scaling": {"batch_size_per_worker": BATCH},
+        "name": "shards",
+        "model": {"name": "test_resnet"},
+        "data": data,
+        "loop": {"precision": "fp32", "epochs": 1},
+        "scaling": {"batch_size_per_worker": BATCH},
         "tracking": {"enabled": False},
     }
     for dotted, value in over.items():
@@ -130,7 +136,9 @@ def test_ranks_split_train_and_val_without_overlap(prepared: tuple[JobSpec, str]
     assert len(t0) == len(t1) == (len(plan.train) // 2) // BATCH
 
 
-def test_val_fraction_split_reads_the_train_shards(fashion_folders: tuple[str, str], prepared: tuple[JobSpec, str]) -> None:
+def test_val_fraction_split_reads_the_train_shards(
+    fashion_folders: tuple[str, str], prepared: tuple[JobSpec, str]
+) -> None:
     _, out = prepared
     spec = _spec(fashion_folders[0], None, out, data__max_images_per_class=20)
     plan = build_plan(spec)
@@ -141,8 +149,9 @@ def test_val_fraction_split_reads_the_train_shards(fashion_folders: tuple[str, s
     assert len(train_loader) == len(plan.train) // BATCH
 
 
-def test_stale_or_mismatched_prepared_data_is_refused(fashion_folders: tuple[str, str], prepared: tuple[JobSpec, str],
-                                                      tmp_path: Path) -> None:
+def test_stale_or_mismatched_prepared_data_is_refused(
+    fashion_folders: tuple[str, str], prepared: tuple[JobSpec, str], tmp_path: Path
+) -> None:
     spec, out = prepared
     plan = build_plan(spec)
     cpu = torch.device("cpu")
@@ -158,11 +167,26 @@ def test_stale_or_mismatched_prepared_data_is_refused(fashion_folders: tuple[str
 
 def test_spec_fields_for_the_device_paths(fashion_folders: tuple[str, str]) -> None:
     with pytest.raises(SpecError, match="data.prepared"):
-        parse_spec({"name": "x", "model": {"name": "test_resnet"},
-                    "data": {"train": fashion_folders[0], "val_fraction": 0.2, "format": "shards"}})
+        parse_spec(
+            {
+                "name": "x",
+                "model": {"name": "test_resnet"},
+                "data": {"train": fashion_folders[0], "val_fraction": 0.2, "format": "shards"},
+            }
+        )
     with pytest.raises(SpecError, match="randaugment"):
-        parse_spec({"name": "x", "model": {"name": "test_resnet"},
-                    "data": {"train": fashion_folders[0], "val_fraction": 0.2, "decode": "nvjpeg", "augment": "randaugment"}})
+        parse_spec(
+            {
+                "name": "x",
+                "model": {"name": "test_resnet"},
+                "data": {
+                    "train": fashion_folders[0],
+                    "val_fraction": 0.2,
+                    "decode": "nvjpeg",
+                    "augment": "randaugment",
+                },
+            }
+        )
 
 
 def test_crop_boxes_stay_inside_and_keep_scale_and_ratio() -> None:
@@ -183,11 +207,16 @@ def test_crop_boxes_stay_inside_and_keep_scale_and_ratio() -> None:
 def test_prepare_command(fashion_folders: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "p"
     spec_path = tmp_path / "spec.yaml"
-    spec_path.write_text(json.dumps({
-        "name": "cli", "model": {"name": "test_resnet"},
-        "data": {"train": fashion_folders[0], "val_fraction": 0.2, "image_size": 32, "max_images_per_class": 5},
-        "tracking": {"enabled": False},
-    }))
+    spec_path.write_text(
+        json.dumps(
+            {
+                "name": "cli",
+                "model": {"name": "test_resnet"},
+                "data": {"train": fashion_folders[0], "val_fraction": 0.2, "image_size": 32, "max_images_per_class": 5},
+                "tracking": {"enabled": False},
+            }
+        )
+    )
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["prepare", str(spec_path), "--out", str(out), "--workers", "0", "--json"])
@@ -199,7 +228,9 @@ def test_prepare_command(fashion_folders: tuple[str, str], tmp_path: Path, capsy
 
 
 @pytest.mark.integration
-def test_prepare_to_object_storage_and_read_back(fashion_folders: tuple[str, str], s3_bucket: str, tmp_path: Path) -> None:
+def test_prepare_to_object_storage_and_read_back(
+    fashion_folders: tuple[str, str], s3_bucket: str, tmp_path: Path
+) -> None:
     uri = f"{s3_bucket}/prepared/fashion"
     spec = _spec(*fashion_folders, uri, data__cache_dir=str(tmp_path / "cache"), data__max_images_per_class=4)
     summary = prepare(spec, uri, workers=0, log=lambda m: None)
@@ -216,18 +247,29 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 @pytest.fixture(scope="module")
 def jpeg_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from tltrain.synthetic_images import make_synthetic_jpeg_folder
+    from tltrain.data.synthetic import make_synthetic_jpeg_folder
 
     return make_synthetic_jpeg_folder(str(tmp_path_factory.mktemp("jpegs") / "train"), 48, 4, size=(120, 90), workers=1)
 
 
 def _gpu_spec(folder: str, prepared: str, **data: object) -> JobSpec:
-    return parse_spec({
-        "name": "gpu", "model": {"name": "resnet18"},
-        "data": {"train": folder, "val_fraction": 0.25, "image_size": 64, "loader_workers": 2, "prepared": prepared, **data},
-        "loop": {"precision": "bf16"}, "scaling": {"batch_size_per_worker": 8, "use_gpu": True},
-        "tracking": {"enabled": False},
-    })
+    return parse_spec(
+        {
+            "name": "gpu",
+            "model": {"name": "resnet18"},
+            "data": {
+                "train": folder,
+                "val_fraction": 0.25,
+                "image_size": 64,
+                "loader_workers": 2,
+                "prepared": prepared,
+                **data,
+            },
+            "loop": {"precision": "bf16"},
+            "scaling": {"batch_size_per_worker": 8, "use_gpu": True},
+            "tracking": {"enabled": False},
+        }
+    )
 
 
 @pytest.mark.gpu
@@ -262,7 +304,7 @@ def test_gpu_shards_match_the_cpu_path(jpeg_folder: str, tmp_path: Path) -> None
 @pytest.mark.gpu
 @cuda
 def test_gpu_nvjpeg_matches_the_cpu_path(jpeg_folder: str, tmp_path: Path) -> None:
-    from tltrain.nvjpeg_data import build_nvjpeg_loaders
+    from tltrain.data.nvjpeg import build_nvjpeg_loaders
 
     spec = _gpu_spec(jpeg_folder, str(tmp_path), decode="nvjpeg")
     plan = build_plan(spec)

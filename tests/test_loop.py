@@ -12,23 +12,26 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tltrain.config import parse_spec
-from tltrain.loop import train
-from tltrain.model import layer_groups
+from tltrain.core.loop import train
+from tltrain.core.model import layer_groups
+from tltrain.spec.load import parse_spec
 
 GLOBAL_BATCH = 16
 
 
 def _spec(grad_accum: int):
     # test_vit has LayerNorm only (BatchNorm statistics would differ between batch sizes).
-    return parse_spec({
-        "name": "t", "model": {"name": "test_vit"},
-        "data": {"train": "unused", "val_fraction": 0.2},
-        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
-        "strategy": {"layer_decay": 0.8},
-        "loop": {"epochs": 1, "precision": "fp32", "grad_accum": grad_accum, "max_steps_per_epoch": 1},
-        "tracking": {"enabled": False},
-    })
+    return parse_spec(
+        {
+            "name": "t",
+            "model": {"name": "test_vit"},
+            "data": {"train": "unused", "val_fraction": 0.2},
+            "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
+            "strategy": {"layer_decay": 0.8},
+            "loop": {"epochs": 1, "precision": "fp32", "grad_accum": grad_accum, "max_steps_per_epoch": 1},
+            "tracking": {"enabled": False},
+        }
+    )
 
 
 def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,8 +50,17 @@ class Batches(list):
 
 def _run(model: torch.nn.Module, batches: list, grad_accum: int) -> dict[str, torch.Tensor]:
     val = Batches([_data(1)])
-    train(_spec(grad_accum), model, layer_groups(model), Batches(batches), val, device=torch.device("cpu"),
-          num_classes=4, report=lambda m, c: None, meta={})
+    train(
+        _spec(grad_accum),
+        model,
+        layer_groups(model),
+        Batches(batches),
+        val,
+        device=torch.device("cpu"),
+        num_classes=4,
+        report=lambda m, c: None,
+        meta={},
+    )
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -56,7 +68,7 @@ def test_grad_accumulation_matches_one_big_batch() -> None:
     x, y = _data()
     big = _run(_model(), [(x, y)], grad_accum=1)
     micro = 4
-    chunks = [(x[i:i + micro], y[i:i + micro]) for i in range(0, GLOBAL_BATCH, micro)]
+    chunks = [(x[i : i + micro], y[i : i + micro]) for i in range(0, GLOBAL_BATCH, micro)]
     accumulated = _run(_model(), chunks, grad_accum=GLOBAL_BATCH // micro)
     start = _model().state_dict()
     moved = [k for k in big if not torch.equal(big[k], start[k])]
@@ -72,9 +84,9 @@ def _ddp_worker(rank: int, world: int, port: int, grad_accum: int, out: str) -> 
     try:
         x, y = _data()
         shard = GLOBAL_BATCH // world
-        xs, ys = x[rank * shard:(rank + 1) * shard], y[rank * shard:(rank + 1) * shard]
+        xs, ys = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
         micro = shard // grad_accum
-        batches = [(xs[i:i + micro], ys[i:i + micro]) for i in range(0, shard, micro)]
+        batches = [(xs[i : i + micro], ys[i : i + micro]) for i in range(0, shard, micro)]
         state = _run(_model(), batches, grad_accum)
         if rank == 0:
             torch.save(state, out)
@@ -100,17 +112,33 @@ def test_two_ddp_workers_match_one_worker_with_the_global_batch(tmp_path, grad_a
 
 
 def test_resuming_a_run_that_early_stopping_ended_trains_no_further() -> None:
-    from tltrain.loop import LoopState, Resume
+    from tltrain.core.loop import LoopState, Resume
 
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    spec = _spec(1).model_copy(update={"loop": _spec(1).loop.model_copy(update={"epochs": 5, "early_stop_patience": 1})})
-    ended = LoopState(epoch=2, global_step=2, best_metric=0.5, evals_without_improvement=1,
-                      history=[{"epoch": 1, "stopped_early": False}, {"epoch": 2, "stopped_early": True}])
+    spec = _spec(1).model_copy(
+        update={"loop": _spec(1).loop.model_copy(update={"epochs": 5, "early_stop_patience": 1})}
+    )
+    ended = LoopState(
+        epoch=2,
+        global_step=2,
+        best_metric=0.5,
+        evals_without_improvement=1,
+        history=[{"epoch": 1, "stopped_early": False}, {"epoch": 2, "stopped_early": True}],
+    )
     reports: list[dict] = []
-    state = train(spec, model, layer_groups(model), Batches([_data()]), Batches([_data(1)]),
-                  device=torch.device("cpu"), num_classes=4, report=lambda m, c: reports.append(m), meta={},
-                  resume=Resume(train_state=None, meta={"loop_state": ended.__dict__}))
+    state = train(
+        spec,
+        model,
+        layer_groups(model),
+        Batches([_data()]),
+        Batches([_data(1)]),
+        device=torch.device("cpu"),
+        num_classes=4,
+        report=lambda m, c: reports.append(m),
+        meta={},
+        resume=Resume(train_state=None, meta={"loop_state": ended.__dict__}),
+    )
     assert reports == [] and state.epoch == 2
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "a stopped run was trained further"
 
@@ -125,7 +153,16 @@ def test_a_diverging_run_stops_instead_of_failing() -> None:
     })  # fmt: skip
     model = _model()
     reports: list[dict] = []
-    state = train(spec, model, layer_groups(model), Batches([_data()]), Batches([_data(1)]),
-                  device=torch.device("cpu"), num_classes=4, report=lambda m, c: reports.append(m), meta={})
+    state = train(
+        spec,
+        model,
+        layer_groups(model),
+        Batches([_data()]),
+        Batches([_data(1)]),
+        device=torch.device("cpu"),
+        num_classes=4,
+        report=lambda m, c: reports.append(m),
+        meta={},
+    )
     assert len(reports) < 4 and reports[-1]["diverged"] and reports[-1]["stopped_early"], reports
     assert state.best_metric is None or math.isfinite(state.best_metric)

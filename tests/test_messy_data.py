@@ -21,21 +21,18 @@ import torch
 import yaml
 from PIL import Image
 
-from tltrain.config import DataSpec
-from tltrain.data import (
-    DataError,
-    ImageListDataset,
-    build_eval_loader,
-    build_train_loader,
-    build_transform,
-    load_rgb,
-    plan_dataset,
-    scan_image_folder,
-)
+from tltrain.data.decode import load_rgb
+from tltrain.data.folder import DataError, plan_dataset, scan_image_folder
+from tltrain.data.loaders import ImageListDataset, build_eval_loader, build_train_loader, build_transform
+from tltrain.spec.schema import DataSpec
 
 DATA_CONFIG = {
-    "input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
-    "std": [0.229, 0.224, 0.225], "crop_pct": 0.875, "crop_mode": "center",
+    "input_size": [3, 32, 32],
+    "interpolation": "bicubic",
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+    "crop_pct": 0.875,
+    "crop_mode": "center",
 }
 
 
@@ -54,8 +51,10 @@ def _jpeg_bytes(im: Image.Image) -> bytes:
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A structurally valid PNG that claims width x height pixels (no pixel data needed to open it)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
@@ -112,8 +111,14 @@ def _messy_tree(root: Path) -> dict[str, list[str]]:
     for rel, data in not_images.items():
         (root / rel).write_bytes(data)
     (root / "README.md").write_text("my dataset")
-    hidden = [root / ".DS_Store", root / "cat" / ".DS_Store", root / "dog" / "._0.jpg", root / ".ipynb_checkpoints" / "x.png",
-              root / ".trash" / "cat" / "old.jpg", root / "owl" / ".hidden_dir" / "y.jpg"]
+    hidden = [
+        root / ".DS_Store",
+        root / "cat" / ".DS_Store",
+        root / "dog" / "._0.jpg",
+        root / ".ipynb_checkpoints" / "x.png",
+        root / ".trash" / "cat" / "old.jpg",
+        root / "owl" / ".hidden_dir" / "y.jpg",
+    ]
     for p in hidden:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"\0\0junk")
@@ -182,8 +187,16 @@ def test_every_good_image_goes_through_the_loaders(messy: tuple[Path, dict[str, 
 def test_modes_are_converted_to_rgb(messy: tuple[Path, dict[str, list[str]]]) -> None:
     root, _ = messy
     cat = root / "cat"
-    expected = {"grey16.png": "I;16", "la.png": "LA", "rgba.png": "RGBA", "bilevel.png": "1", "cmyk.jpg": "CMYK",
-                "float.tif": "F", "palette_transparent.png": "P", "grey.jpg": "L"}
+    expected = {
+        "grey16.png": "I;16",
+        "la.png": "LA",
+        "rgba.png": "RGBA",
+        "bilevel.png": "1",
+        "cmyk.jpg": "CMYK",
+        "float.tif": "F",
+        "palette_transparent.png": "P",
+        "grey.jpg": "L",
+    }
     for name, mode in expected.items():
         with Image.open(cat / name) as im:
             assert im.mode.startswith(mode[0]), (name, im.mode)
@@ -219,7 +232,9 @@ def test_unusable_folders_are_rejected_up_front(tmp_path: Path, layout: dict, ne
     assert needle.format(root=root) in str(err.value)
 
 
-def test_a_file_damaged_after_the_scan_is_replaced_not_a_crash(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_file_damaged_after_the_scan_is_replaced_not_a_crash(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = tmp_path / "d"
     for c in ("a", "b"):
         (root / c).mkdir(parents=True)
@@ -244,16 +259,20 @@ def test_a_file_damaged_after_the_scan_is_replaced_not_a_crash(tmp_path: Path, c
 
 
 def test_the_driver_prints_a_counted_warning(messy: tuple[Path, dict[str, list[str]]], tmp_path: Path) -> None:
-    from tltrain.config import parse_spec
-    from tltrain.driver import describe_plan
-    from tltrain.preflight import build_plan
+    from tltrain.execution.preflight import build_plan
+    from tltrain.reports.progress import describe_plan
+    from tltrain.spec.load import parse_spec
 
     root, kinds = messy
-    spec = parse_spec({
-        "name": "messy", "model": {"name": "test_resnet"},
-        "data": {"train": str(root), "val_fraction": 0.2, "on_bad_image": "skip", "image_size": 32},
-        "scaling": {"batch_size_per_worker": 4}, "storage": {"uri": str(tmp_path / "runs")},
-    })
+    spec = parse_spec(
+        {
+            "name": "messy",
+            "model": {"name": "test_resnet"},
+            "data": {"train": str(root), "val_fraction": 0.2, "on_bad_image": "skip", "image_size": 32},
+            "scaling": {"batch_size_per_worker": 4},
+            "storage": {"uri": str(tmp_path / "runs")},
+        }
+    )
     plan = build_plan(spec)
     out = io.StringIO()
     describe_plan(spec, plan, out)
@@ -266,8 +285,15 @@ def test_training_on_the_messy_tree_runs_end_to_end(messy: tuple[Path, dict[str,
     """The real CLI on a local Ray (1 worker, 2 loader processes): the messy tree trains."""
     root, kinds = messy
     spec = {
-        "name": "messy", "model": {"name": "test_resnet"},
-        "data": {"train": str(root), "val_fraction": 0.25, "on_bad_image": "skip", "image_size": 32, "loader_workers": 2},
+        "name": "messy",
+        "model": {"name": "test_resnet"},
+        "data": {
+            "train": str(root),
+            "val_fraction": 0.25,
+            "on_bad_image": "skip",
+            "image_size": 32,
+            "loader_workers": 2,
+        },
         "loop": {"epochs": 1, "precision": "fp32"},
         "scaling": {"num_workers": 1, "batch_size_per_worker": 4, "address": "local"},
         "storage": {"uri": str(tmp_path / "runs")},
@@ -279,8 +305,14 @@ def test_training_on_the_messy_tree_runs_end_to_end(messy: tuple[Path, dict[str,
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_tmp)
     try:
-        proc = subprocess.run([sys.executable, "-m", "tltrain.cli", "train", str(path), "--json"], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "tltrain.cli", "train", str(path), "--json"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
     finally:
         subprocess.run(["rm", "-rf", ray_tmp], check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]

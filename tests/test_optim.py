@@ -8,20 +8,25 @@ import pytest
 import timm
 import torch
 
-from tltrain.config import OptimSpec, ScheduleSpec, StrategySpec, parse_spec
-from tltrain.loop import train
-from tltrain.model import layer_groups
-from tltrain.optim import build_optimizer, build_scheduler, lr_multiplier, resolve_freeze_depth
+from tltrain.core.loop import train
+from tltrain.core.model import layer_groups
+from tltrain.core.optim import build_optimizer, build_scheduler, lr_multiplier, resolve_freeze_depth
+from tltrain.spec.load import parse_spec
+from tltrain.spec.schema import OptimSpec, ScheduleSpec, StrategySpec
 
 
 def _spec(**strategy):
-    return parse_spec({
-        "name": "t", "model": {"name": "test_resnet"},
-        "data": {"train": "unused", "val_fraction": 0.2},
-        "strategy": strategy, "optim": {"lr": 0.05, "weight_decay": 0.01},
-        "loop": {"epochs": 1, "precision": "fp32", "max_steps_per_epoch": 4},
-        "tracking": {"enabled": False},
-    })
+    return parse_spec(
+        {
+            "name": "t",
+            "model": {"name": "test_resnet"},
+            "data": {"train": "unused", "val_fraction": 0.2},
+            "strategy": strategy,
+            "optim": {"lr": 0.05, "weight_decay": 0.01},
+            "loop": {"epochs": 1, "precision": "fp32", "max_steps_per_epoch": 4},
+            "tracking": {"enabled": False},
+        }
+    )
 
 
 class Batches(list):
@@ -30,7 +35,9 @@ class Batches(list):
 
 def _batches(n: int, size: int = 8, res: int = 32, seed: int = 0) -> Batches:
     g = torch.Generator().manual_seed(seed)
-    return Batches((torch.randn(size, 3, res, res, generator=g), torch.randint(0, 4, (size,), generator=g)) for _ in range(n))
+    return Batches(
+        (torch.randn(size, 3, res, res, generator=g), torch.randint(0, 4, (size,), generator=g)) for _ in range(n)
+    )
 
 
 @pytest.mark.parametrize("depth", [0, 2, 4])
@@ -40,8 +47,17 @@ def test_freeze_depth_keeps_exactly_the_first_groups_bit_identical(depth: int) -
     groups = layer_groups(model)
     before = copy.deepcopy(model.state_dict())
     spec = _spec(freeze_depth=depth)
-    train(spec, model, groups, _batches(4), _batches(1), device=torch.device("cpu"), num_classes=4,
-          report=lambda m, c: None, meta={})
+    train(
+        spec,
+        model,
+        groups,
+        _batches(4),
+        _batches(1),
+        device=torch.device("cpu"),
+        num_classes=4,
+        report=lambda m, c: None,
+        meta={},
+    )
     after = model.state_dict()
     params = dict(model.named_parameters())
     for index, group in enumerate(groups):
@@ -96,7 +112,9 @@ def test_layer_wise_lr_each_group_gets_decay_power_times_scheduled_base() -> Non
 
 def test_no_weight_decay_on_norms_and_biases() -> None:
     model = timm.create_model("test_resnet", num_classes=4)
-    optimizer = build_optimizer(model, layer_groups(model), StrategySpec(), OptimSpec(weight_decay=0.1), torch.device("cpu"))
+    optimizer = build_optimizer(
+        model, layer_groups(model), StrategySpec(), OptimSpec(weight_decay=0.1), torch.device("cpu")
+    )
     names = {id(p): n for n, p in model.named_parameters()}
     for pg in optimizer.param_groups:
         for p in pg["params"]:

@@ -17,8 +17,9 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -26,9 +27,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage pings from
 
 from mlflow import MlflowClient  # noqa: E402
 
-from tltrain import registry, storage, tracking  # noqa: E402
-from tltrain.checkpoint import CheckpointError, checkpoint_sha256  # noqa: E402
-from tltrain.config import parse_spec  # noqa: E402
+from tltrain import storage
+from tltrain.core.checkpoint import CheckpointError, checkpoint_sha256
+from tltrain.spec.load import parse_spec
+from tltrain.tracking import registry
+from tltrain.tracking import tracker as tracking
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 28  # Fashion-MNIST's own size keeps CPU training quick
@@ -41,13 +44,16 @@ def _samples(root: str, classes: list[str]) -> list[tuple[str, int]]:
     return [(str(f), i) for i, c in enumerate(classes) for f in sorted((Path(root) / c).glob("*.png"))]
 
 
-def train_checkpoint(train_dir: str, val_dir: str, out_dir: Path, steps: int = 100, seed: int = 0) -> tuple[Path, float]:
+def train_checkpoint(
+    train_dir: str, val_dir: str, out_dir: Path, steps: int = 100, seed: int = 0
+) -> tuple[Path, float]:
     """Train test_resnet for `steps` AdamW steps and save it in the checkpoint directory format."""
     import timm
     import torch
 
-    from tltrain.checkpoint import save_checkpoint
-    from tltrain.data import build_transform, load_rgb, resolve_data_config
+    from tltrain.core.checkpoint import save_checkpoint
+    from tltrain.data.decode import load_rgb
+    from tltrain.data.loaders import build_transform, resolve_data_config
 
     classes = sorted(p.name for p in Path(train_dir).iterdir() if p.is_dir())
     torch.manual_seed(seed)
@@ -117,20 +123,23 @@ def test_parse_ref_and_model_uri() -> None:
 
 @pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:mobilenet_v3_small", "test_efficientnet"])
 def test_pyfunc_builds_the_same_architecture_as_model_py(name: str) -> None:
-    from tltrain import pyfunc_model
-    from tltrain.config import ModelSpec
-    from tltrain.model import build_model
+    from tltrain.core.model import build_model
+    from tltrain.spec.schema import ModelSpec
+    from tltrain.tracking import pyfunc_model
 
     ours = build_model(ModelSpec(name=name, drop_rate=0.2), num_classes=7)
     theirs = pyfunc_model.build_network(name, 7)
-    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in theirs.state_dict().items()
+    }
 
 
 def test_pyfunc_decodes_images_like_training() -> None:
     import numpy as np
     from PIL import Image
 
-    from tltrain import data, pyfunc_model
+    from tltrain import data
+    from tltrain.tracking import pyfunc_model
 
     rng = np.random.default_rng(0)
     rgba = Image.fromarray(rng.integers(0, 256, (9, 7, 4), dtype=np.uint8), "RGBA")
@@ -216,7 +225,9 @@ def secret_env(s3_server: str) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(secret_env: dict[str, str], s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def mlflow_server(
+    secret_env: dict[str, str], s3_server: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
     bucket = f"s3://tltrain-mlflow-{uuid.uuid4().hex[:8]}"
     storage.ensure_bucket(bucket)
     root = tmp_path_factory.mktemp("mlflow-server")
@@ -314,10 +325,19 @@ def flow(mlflow_server: dict[str, Any], trained: tuple[Path, float], fashion_fol
             trial_spec = spec.model_copy(update={"optim": spec.optim.model_copy(update={"lr": lr})})
             with tracking.open_tracker(trial_spec, parent_run_id=parent.run_id, run_name=f"trial_{i:05d}") as child:
                 child.log_spec(trial_spec.to_dict())
-                child.set_tags(tracking.lineage_tags(trial_spec.to_dict(), fingerprint, trial=f"trial_{i:05d}", ray_run="fashion-sweep"))
+                child.set_tags(
+                    tracking.lineage_tags(
+                        trial_spec.to_dict(), fingerprint, trial=f"trial_{i:05d}", ray_run="fashion-sweep"
+                    )
+                )
                 history = []
                 for epoch in range(1, 4):
-                    m = {"train/loss": 2.0 / (epoch + i), "val/acc": 0.2 * epoch + 0.05 * i, "lr/group_0": lr, "img_per_s": 500.0}
+                    m = {
+                        "train/loss": 2.0 / (epoch + i),
+                        "val/acc": 0.2 * epoch + 0.05 * i,
+                        "lr/group_0": lr,
+                        "img_per_s": 500.0,
+                    }
                     child.log_epoch(m, step=epoch)
                     history.append({"epoch": epoch, **m})
                 # trial 1 "won": its checkpoint is the trained one (meta.json read from S3)
@@ -329,12 +349,16 @@ def flow(mlflow_server: dict[str, Any], trained: tuple[Path, float], fashion_fol
         # Register the best trial's checkpoint, twice; then a second checkpoint to move aliases.
         out["first"] = registry.register_checkpoint(ckpt_uri, "fashion-tiny", tracking_uri=url, run_id=children[1])
         out["again"] = registry.register_checkpoint(ckpt_uri, "fashion-tiny", tracking_uri=url, run_id=children[1])
-        from tltrain.checkpoint import load_meta, load_model_state, save_checkpoint
+        from tltrain.core.checkpoint import load_meta, load_model_state, save_checkpoint
 
-        local2 = save_checkpoint(work / "checkpoint_000006", load_model_state(ckpt), None, {**load_meta(ckpt), "epoch": 6})
+        local2 = save_checkpoint(
+            work / "checkpoint_000006", load_model_state(ckpt), None, {**load_meta(ckpt), "epoch": 6}
+        )
         ckpt2_uri = f"{bucket}/ckpts/fashion-tiny/checkpoint_000006"
         storage.upload_tree(str(local2), ckpt2_uri)
-        out["second"] = registry.register_checkpoint(ckpt2_uri, "fashion-tiny", tracking_uri=url, tags={"trial": "trial_00002"})
+        out["second"] = registry.register_checkpoint(
+            ckpt2_uri, "fashion-tiny", tracking_uri=url, tags={"trial": "trial_00002"}
+        )
         out["promote1"] = registry.promote("fashion-tiny", out["first"].version, "champion", tracking_uri=url)
         out["champion_before"] = str(MlflowClient(url).get_model_version_by_alias("fashion-tiny", "champion").version)
         out["promote2"] = registry.promote("fashion-tiny", out["second"].version, "champion", tracking_uri=url)
@@ -344,19 +368,25 @@ def flow(mlflow_server: dict[str, Any], trained: tuple[Path, float], fashion_fol
         classes = sorted(os.listdir(val_dir))
         val = _samples(val_dir, classes)
         out["val_paths"], out["val_truth"] = [p for p, _ in val], [classes[c] for _, c in val]
-        clean_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_TRACKING_", "PYTHONPATH"))}
+        clean_env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_TRACKING_", "PYTHONPATH"))
+        }
         clean_env |= {"MLFLOW_TRACKING_URI": url, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
-        res = _run([sys.executable, "-c", DOWNSTREAM, "models:/fashion-tiny@champion", json.dumps(out["val_paths"])], clean_env, work)
+        res = _run(
+            [sys.executable, "-c", DOWNSTREAM, "models:/fashion-tiny@champion", json.dumps(out["val_paths"])],
+            clean_env,
+            work,
+        )
         out["downstream"] = json.loads(res.stdout.strip().splitlines()[-1])
         out["outputs"].append(res.stdout + res.stderr)
 
         # The CLI, as a user runs it (standalone module; the lead wires it into `tltrain`).
         cli_env = {**os.environ, "PYTHONPATH": str(REPO)}
-        res = _run([sys.executable, "-m", "tltrain.cli_registry", "predict", "fashion-tiny@champion", *out["val_paths"],
+        res = _run([sys.executable, "-m", "tltrain.commands.registry", "predict", "fashion-tiny@champion", *out["val_paths"],
                     "--tracking-uri", url, "--json"], cli_env, work)  # fmt: skip
         out["cli_predict"] = json.loads(res.stdout.strip().splitlines()[-1])
         out["outputs"].append(res.stdout + res.stderr)
-        res = _run([sys.executable, "-m", "tltrain.cli_registry", "registry", "show", "fashion-tiny@champion", "--tracking-uri", url],
+        res = _run([sys.executable, "-m", "tltrain.commands.registry", "registry", "show", "fashion-tiny@champion", "--tracking-uri", url],
                    cli_env, work)  # fmt: skip
         out["cli_show"] = res.stdout
         out["outputs"].append(res.stdout + res.stderr)
@@ -365,7 +395,9 @@ def flow(mlflow_server: dict[str, Any], trained: tuple[Path, float], fashion_fol
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
         with _use_tracking_uri(url):  # models:/ resolves through the registry URI, i.e. this one
-            out["model_dir"] = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/fashion-tiny/1", dst_path=str(work / "model")))
+            out["model_dir"] = Path(
+                mlflow.artifacts.download_artifacts(artifact_uri="models:/fashion-tiny/1", dst_path=str(work / "model"))
+            )
         yield out
     finally:
         root_logger.removeHandler(collect)

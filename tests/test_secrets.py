@@ -17,7 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
-from tltrain.checkpoint import (
+from tltrain.core.checkpoint import (
     MANIFEST_FILE,
     MODEL_FILE,
     STATE_FILE,
@@ -57,8 +57,8 @@ def _tamper_and_reseal(directory: Path, name: str, data: bytes) -> None:
 
 
 def test_model_weights_with_a_pickled_object_are_refused(tmp_path: Path) -> None:
-    from tltrain.config import ModelSpec
-    from tltrain.model import build_model
+    from tltrain.core.model import build_model
+    from tltrain.spec.schema import ModelSpec
 
     marker = tmp_path / "pwned"
     weights = _malicious_pth(tmp_path / "evil.pth", marker)
@@ -97,13 +97,22 @@ def test_cli_refuses_malicious_weights_without_running_them(tmp_path: Path) -> N
         (tmp_path / "data" / c).mkdir(parents=True)
         for i in range(5):
             Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / "data" / c / f"{i}.png")
-    spec = {"name": "evil", "model": {"name": "test_resnet", "weights": str(weights)},
-            "data": {"train": str(tmp_path / "data"), "val_fraction": 0.2},
-            "scaling": {"batch_size_per_worker": 2}, "storage": {"uri": str(tmp_path / "runs")}}
+    spec = {
+        "name": "evil",
+        "model": {"name": "test_resnet", "weights": str(weights)},
+        "data": {"train": str(tmp_path / "data"), "val_fraction": 0.2},
+        "scaling": {"batch_size_per_worker": 2},
+        "storage": {"uri": str(tmp_path / "runs")},
+    }
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    proc = subprocess.run([sys.executable, "-m", "tltrain.cli", "validate", str(path)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "tltrain.cli", "validate", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode != 0
     assert "posix.system" in proc.stderr or "model.weights" in proc.stderr, proc.stderr[-3000:]
     assert not marker.exists()
@@ -124,7 +133,8 @@ def test_cli_refuses_malicious_weights_without_running_them(tmp_path: Path) -> N
     ],
 )
 def test_spec_fields_are_typed_not_import_paths(mutation: dict, needle: str) -> None:
-    from tltrain.config import SpecError, parse_spec
+    from tltrain.spec.load import parse_spec
+    from tltrain.spec.schema import SpecError
 
     tree = {"name": "x", "model": {"name": "test_resnet"}, "data": {"train": "/d", "val_fraction": 0.1}}
     tree.update(mutation)
@@ -133,8 +143,8 @@ def test_spec_fields_are_typed_not_import_paths(mutation: dict, needle: str) -> 
 
 
 def test_a_model_name_is_only_looked_up_never_imported(tmp_path: Path) -> None:
-    from tltrain.config import ModelSpec
-    from tltrain.model import ModelError, build_model
+    from tltrain.core.model import ModelError, build_model
+    from tltrain.spec.schema import ModelSpec
 
     for name in ("os.system", "torchvision:os.system", "builtins.eval", "subprocess:run"):
         with pytest.raises(ModelError, match="model.name: .*has no model"):
@@ -180,13 +190,23 @@ def test_credentials_never_reach_logs_mlflow_or_checkpoints(
     spec = {
         "name": "leak-check",
         "model": {"name": "test_resnet", "weights": f"{s3_bucket}/models/test_resnet.pth"},
-        "data": {"train": f"{s3_bucket}/data/train", "val": f"{s3_bucket}/data/val", "image_size": 32,
-                 "loader_workers": 0, "max_images_per_class": 8, "cache_dir": str(work / "cache")},
+        "data": {
+            "train": f"{s3_bucket}/data/train",
+            "val": f"{s3_bucket}/data/val",
+            "image_size": 32,
+            "loader_workers": 0,
+            "max_images_per_class": 8,
+            "cache_dir": str(work / "cache"),
+        },
         "loop": {"epochs": 2, "precision": "fp32"},
         "scaling": {"num_workers": 2, "batch_size_per_worker": 8, "address": "local"},
         "storage": {"uri": f"{s3_bucket}/runs"},
-        "tracking": {"enabled": True, "uri": f"sqlite:///{work}/mlflow.db", "experiment": "leak-check",
-                     "registry_name": "leak-check-model"},
+        "tracking": {
+            "enabled": True,
+            "uri": f"sqlite:///{work}/mlflow.db",
+            "experiment": "leak-check",
+            "registry_name": "leak-check-model",
+        },
     }
     path = work / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -194,8 +214,14 @@ def test_credentials_never_reach_logs_mlflow_or_checkpoints(
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     env.update(HF_HUB_OFFLINE="1", RAY_AUTH_MODE="disabled", RAY_TMPDIR=ray_tmp)
     try:
-        proc = subprocess.run([sys.executable, "-m", "tltrain.cli", "-v", "train", str(path), "--json"], cwd=work,
-                              capture_output=True, text=True, timeout=600, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "tltrain.cli", "-v", "train", str(path), "--json"],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
         summary = json.loads(proc.stdout.strip().splitlines()[-1])
         assert summary["epochs_completed"] == 2 and summary["mlflow_run_id"]

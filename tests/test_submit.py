@@ -16,15 +16,17 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
 
-from tltrain import cli_jobs, submit
 from tltrain.cli import build_parser
-from tltrain.config import load_spec
+from tltrain.commands import jobs as cli_jobs
+from tltrain.execution import jobs as submit
+from tltrain.spec.load import load_spec
 
 VENV_BIN = Path(sys.executable).parent
 TLTRAIN = str(VENV_BIN / "tltrain") if (VENV_BIN / "tltrain").exists() else shutil.which("tltrain")
@@ -90,14 +92,20 @@ def test_stage_passes_uris_through_and_ships_nothing(tmp_path: Path) -> None:
     staged = submit.stage(spec, tmp_path / "stage")
     assert staged.shipped == {} and staged.shipped_bytes == 0
     shipped = load_spec(staged.working_dir / submit.SPEC_FILE)
-    assert (shipped.data.train, shipped.data.val, shipped.model.weights) == ("s3://bucket/train", "s3://bucket/val", "hub")
+    assert (shipped.data.train, shipped.data.val, shipped.model.weights) == (
+        "s3://bucket/train",
+        "s3://bucket/val",
+        "hub",
+    )
 
 
 def test_stage_refuses_too_much_local_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train = tmp_path / "train" / "a"
     train.mkdir(parents=True)
     (train / "x.png").write_bytes(b"0" * 2048)
-    spec = load_spec(_write_spec(tmp_path / "s.yaml", data={"train": str(train.parent), "val": None, "val_fraction": 0.2}))
+    spec = load_spec(
+        _write_spec(tmp_path / "s.yaml", data={"train": str(train.parent), "val": None, "val_fraction": 0.2})
+    )
     monkeypatch.setattr(submit, "MAX_SHIPPED_BYTES", 1024)
     with pytest.raises(submit.SpecError, match="data.train.*upload them to s3://"):
         submit.stage(spec, tmp_path / "stage")
@@ -202,13 +210,19 @@ def recording_server() -> Iterator[tuple[str, list[str]]]:
     ],
 )
 def test_invalid_spec_is_refused_before_anything_is_sent(
-    tmp_path: Path, recording_server: tuple[str, list[str]], capsys: pytest.CaptureFixture[str],
-    sections: dict[str, Any], overrides: list[str], field: str,
+    tmp_path: Path,
+    recording_server: tuple[str, list[str]],
+    capsys: pytest.CaptureFixture[str],
+    sections: dict[str, Any],
+    overrides: list[str],
+    field: str,
 ) -> None:
     address, requests = recording_server
     spec = _write_spec(tmp_path / "bad.yaml", **sections)
-    args = build_parser().parse_args(["submit", str(spec), "--address", address, "--staging-dir", str(tmp_path / "st")]
-                                     + [f"--set={o}" for o in overrides])
+    args = build_parser().parse_args(
+        ["submit", str(spec), "--address", address, "--staging-dir", str(tmp_path / "st")]
+        + [f"--set={o}" for o in overrides]
+    )
     assert args.func(args) == submit.EXIT_INVALID
     err = capsys.readouterr().err
     assert field in err and "nothing was submitted" in err
@@ -219,7 +233,13 @@ def test_invalid_spec_is_refused_before_anything_is_sent(
 def test_commands_are_registered_on_the_cli() -> None:
     parser = build_parser()
     args = parser.parse_args(["submit", "s.yaml", "--tune", "--follow", "--set", "a.b=1", "--address", "http://h:8265"])
-    assert (args.func, args.tune, args.follow, args.set, args.address) == (submit.cmd_submit, True, True, ["a.b=1"], "http://h:8265")
+    assert (args.func, args.tune, args.follow, args.set, args.address) == (
+        submit.cmd_submit,
+        True,
+        True,
+        ["a.b=1"],
+        "http://h:8265",
+    )
     assert args.entrypoint_num_cpus == submit.DEFAULT_ENTRYPOINT_NUM_CPUS and args.forward_env
     for argv, func in [
         (["jobs", "list"], cli_jobs.cmd_jobs_list),
@@ -290,13 +310,24 @@ class TwoNodeCluster:
         log = open(self.root / f"{name}.log", "wb")
         proc = subprocess.Popen(
             [RAY, "start", *extra, *self._node_args(name)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.procs.append(proc)
 
     def start(self) -> None:
-        self._start("head", ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={_free_port()}"])
+        self._start(
+            "head",
+            [
+                "--head",
+                f"--port={self.gcs_port}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={_free_port()}",
+            ],
+        )
         # One node at a time: `ray start` gives its raylet a fixed 30 s to register.
         self._wait(lambda: self._started("head") and self._get("/api/version") is not None, 180, "the head")
         self._start("node2", [f"--address=127.0.0.1:{self.gcs_port}"])
@@ -432,7 +463,10 @@ def _wait_for(ok: Any, timeout_s: float, what: str) -> Any:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_submit_two_node_job_end_to_end(
-    two_nodes: TwoNodeCluster, s3_bucket: str, fashion_folders: tuple[str, str], tmp_path: Path,
+    two_nodes: TwoNodeCluster,
+    s3_bucket: str,
+    fashion_folders: tuple[str, str],
+    tmp_path: Path,
 ) -> None:
     from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors
@@ -443,19 +477,28 @@ def test_submit_two_node_job_end_to_end(
     train_dir, val_dir = fashion_folders
     name = f"e2e-{uuid.uuid4().hex[:6]}"
     spec = tmp_path / "job.yaml"
-    spec.write_text(yaml.safe_dump({
-        "name": name,
-        "model": {"name": "test_resnet", "weights": None},
-        "data": {"train": train_dir, "val": val_dir, "image_size": 32, "loader_workers": 0},
-        "optim": {"name": "adamw", "lr": 1.0e-3},
-        "loop": {"epochs": 2, "precision": "fp32", "max_steps_per_epoch": 3},
-        # 1 CPU per node, 0.25 for the driver, 0.25 per worker: both workers would fit on one node, so
-        # only scaling.placement_strategy puts one on each (Ray's default, PACK, would not).
-        "scaling": {"num_workers": 2, "use_gpu": False, "batch_size_per_worker": 8, "cpus_per_worker": 0.25,
-                    "placement_strategy": "STRICT_SPREAD"},
-        "storage": {"uri": f"{s3_bucket}/runs", "keep": 1},
-        "tracking": {"enabled": False},
-    }))
+    spec.write_text(
+        yaml.safe_dump(
+            {
+                "name": name,
+                "model": {"name": "test_resnet", "weights": None},
+                "data": {"train": train_dir, "val": val_dir, "image_size": 32, "loader_workers": 0},
+                "optim": {"name": "adamw", "lr": 1.0e-3},
+                "loop": {"epochs": 2, "precision": "fp32", "max_steps_per_epoch": 3},
+                # 1 CPU per node, 0.25 for the driver, 0.25 per worker: both workers would fit on one node, so
+                # only scaling.placement_strategy puts one on each (Ray's default, PACK, would not).
+                "scaling": {
+                    "num_workers": 2,
+                    "use_gpu": False,
+                    "batch_size_per_worker": 8,
+                    "cpus_per_worker": 0.25,
+                    "placement_strategy": "STRICT_SPREAD",
+                },
+                "storage": {"uri": f"{s3_bucket}/runs", "keep": 1},
+                "tracking": {"enabled": False},
+            }
+        )
+    )
     secret_key, key_id = f"e2e-secret-{uuid.uuid4().hex}", f"e2e-key-{uuid.uuid4().hex}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_ACCESS_KEY_ID": key_id}
     env.pop("RAY_ADDRESS", None)
@@ -487,8 +530,10 @@ def test_submit_two_node_job_end_to_end(
     # The two Train workers ran on both nodes (STRICT_SPREAD).
     info = client.get_job_info(job_id)
     workers = list_actors(
-        address=two_nodes.address, filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", info.job_id)],
-        detail=True, raise_on_missing_output=False,
+        address=two_nodes.address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("job_id", "=", info.job_id)],
+        detail=True,
+        raise_on_missing_output=False,
     )
     nodes = {n["node_id"] for n in two_nodes.alive_nodes()}
     assert len(workers) == 2 and {w.node_id for w in workers} == nodes, [(w.node_id, w.state) for w in workers]
@@ -519,8 +564,21 @@ def test_submit_two_node_job_end_to_end(
     assert (resumed["run_name"], resumed["epochs_completed"]) == (name, 2)
 
     # 3. A long second job, submitted without --follow, is ended by `jobs stop`.
-    started = _cli(["submit", str(spec), *common, "--json", "--set", f"name={name}-long", "--set", "loop.epochs=500",
-                    "--set", "loop.max_steps_per_epoch=null"], env)
+    started = _cli(
+        [
+            "submit",
+            str(spec),
+            *common,
+            "--json",
+            "--set",
+            f"name={name}-long",
+            "--set",
+            "loop.epochs=500",
+            "--set",
+            "loop.max_steps_per_epoch=null",
+        ],
+        env,
+    )
     assert started.returncode == 0, started.stderr
     long_id = json.loads(started.stdout.strip().splitlines()[-1])["submission_id"]
     assert f"tltrain jobs logs {long_id} --follow" in started.stderr

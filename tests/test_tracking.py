@@ -14,8 +14,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no usage pings from
 
 from mlflow import MlflowClient  # noqa: E402
 
-from tltrain import report, tracking  # noqa: E402
-from tltrain.config import JobSpec, parse_spec  # noqa: E402
+from tltrain.reports import classification as report
+from tltrain.spec.load import parse_spec
+from tltrain.spec.schema import JobSpec
+from tltrain.tracking import tracker as tracking
 
 CLASSES = ["cat", "dog", "fox"]
 CONFUSION = [[8, 2, 0], [1, 7, 2], [0, 0, 10]]  # rows = true class
@@ -35,7 +37,7 @@ def make_spec(tmp_path: Path, **tracking_fields: Any) -> JobSpec:
 def write_checkpoint(directory: Path) -> Path:
     import torch
 
-    from tltrain.checkpoint import save_checkpoint
+    from tltrain.core.checkpoint import save_checkpoint
 
     meta = {
         "epoch": 3,
@@ -113,12 +115,21 @@ def test_run_logs_spec_metrics_and_final_report(tmp_path: Path) -> None:
     spec = make_spec(tmp_path)
     ckpt = write_checkpoint(tmp_path / "ckpt")
     history = [
-        {"epoch": e, "train/loss": 1.0 / e, "val/loss": 1.2 / e, "val/acc": 0.3 * e, "lr/group_0": 1e-3, "img_per_s": 100.0}
+        {
+            "epoch": e,
+            "train/loss": 1.0 / e,
+            "val/loss": 1.2 / e,
+            "val/acc": 0.3 * e,
+            "lr/group_0": 1e-3,
+            "img_per_s": 100.0,
+        }
         for e in (1, 2, 3)
     ]
     with tracking.open_tracker(spec, tags={"ray_run": "pets", "empty": None}) as t:
         t.log_spec(spec.to_dict())
-        t.set_tags(tracking.lineage_tags(spec.to_dict(), {"class_names": CLASSES, "num_files": 40, "sha256": "cd" * 32}))
+        t.set_tags(
+            tracking.lineage_tags(spec.to_dict(), {"class_names": CLASSES, "num_files": 40, "sha256": "cd" * 32})
+        )
         for h in history:
             t.log_epoch({k: v for k, v in h.items() if k != "epoch"} | {"note": "not a number"}, step=h["epoch"])
         t.log_final(str(ckpt), history)
@@ -158,7 +169,9 @@ def test_sweep_parent_with_nested_trials_and_failure_status(tmp_path: Path) -> N
     parent = tracking.open_tracker(spec, run_name="sweep")
     children = []
     for i in range(3):
-        with tracking.open_tracker(spec, parent_run_id=parent.run_id, run_name=f"trial_{i}", tags={"trial": f"trial_{i}"}) as child:
+        with tracking.open_tracker(
+            spec, parent_run_id=parent.run_id, run_name=f"trial_{i}", tags={"trial": f"trial_{i}"}
+        ) as child:
             child.log_epoch({"val/acc": 0.1 * i}, step=1)
             children.append(child.run_id)
     with pytest.raises(RuntimeError):

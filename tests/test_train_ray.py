@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tltrain import storage
-from tltrain.checkpoint import load_meta, verify_checkpoint
+from tltrain.core.checkpoint import load_meta, verify_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +36,9 @@ def _write_spec(tmp_path: Path, train: str, val: str, bucket: str, epochs: int, 
 
 
 def _tltrain(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tltrain.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "tltrain.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=900
+    )
 
 
 def test_two_worker_run_learns_checkpoints_to_s3_and_resumes_by_name(

@@ -21,14 +21,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
 
-from tltrain.config import SpecError, parse_spec
-from tltrain.search_space import Dist, validate_space
+from tltrain.spec.load import parse_spec
+from tltrain.spec.schema import SpecError
+from tltrain.spec.search import validate_space
+from tltrain.spec.space import Dist
 
 pytestmark = pytest.mark.integration
 
@@ -165,7 +168,11 @@ def ray_driver(ray_cluster: dict[str, str]) -> Iterator[None]:
         ({"optim.lr": "auto"}, "optim.lr", "only for strategy.freeze_depth"),
         ({"strategy.layer_decay": {"uniform": [0.5, 1.5]}}, "strategy.layer_decay", "not a valid value"),
         ({"strategy.freeze_depth": {"uniform": [0, 3]}}, "strategy.freeze_depth", "not a valid value"),
-        ({"strategy.freeze_depth": {"randint": [0, 6]}}, "strategy.freeze_depth", "beyond test_resnet's 5 layer groups"),
+        (
+            {"strategy.freeze_depth": {"randint": [0, 6]}},
+            "strategy.freeze_depth",
+            "beyond test_resnet's 5 layer groups",
+        ),
         ({"strategy.freeze_depth": {"choice": [1, "all", 9]}}, "strategy.freeze_depth", "beyond"),
         ({"strategy.unfreeze.2": {"randint": [0, 7]}}, "strategy.unfreeze.2", "beyond"),
         ({"strategy.unfreeze.9": {"randint": [0, 2]}}, "strategy.unfreeze.9", "loop.epochs"),
@@ -176,7 +183,7 @@ def test_bad_space_fails_before_any_trial(
 ) -> None:
     import ray
 
-    from tltrain.tune import run_tune
+    from tltrain.execution.tune import run_tune
 
     storage_uri = str(tmp_path / "runs")
     with pytest.raises(SpecError) as info:
@@ -188,9 +195,11 @@ def test_bad_space_fails_before_any_trial(
 
 
 def test_auto_and_inclusive_randint(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
-    from tltrain.tune import _ray_domain
+    from tltrain.execution.tune import _ray_domain
 
-    spec = parse_spec(_tree(fashion_folders, str(tmp_path), "s", {"strategy.freeze_depth": "auto", "optim.lr": {"randint": [1, 2]}}))
+    spec = parse_spec(
+        _tree(fashion_folders, str(tmp_path), "s", {"strategy.freeze_depth": "auto", "optim.lr": {"randint": [1, 2]}})
+    )
     space = validate_space(spec, num_layer_groups=5)
     assert space["strategy.freeze_depth"] == Dist("randint", (0, 5))
     drawn = {_ray_domain(space["strategy.freeze_depth"]).sample() for _ in range(300)}
@@ -198,7 +207,7 @@ def test_auto_and_inclusive_randint(fashion_folders: tuple[str, str], tmp_path: 
 
 
 def test_depths_fit_every_searched_model(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
-    from tltrain.preflight import count_layer_groups
+    from tltrain.core.plan import count_layer_groups
 
     tree = _tree(fashion_folders, str(tmp_path), "m", {
         "model.name": {"choice": ["test_vit", "test_resnet"]}, "strategy.freeze_depth": "auto",
@@ -213,19 +222,21 @@ def test_depths_fit_every_searched_model(fashion_folders: tuple[str, str], tmp_p
     space = validate_space(spec, num_layer_groups=7, groups_of=groups_of)
     assert space["strategy.freeze_depth"] == Dist("randint", (0, 5)), "auto must fit the model with fewest groups"
     tree["tune"]["space"]["strategy.freeze_depth"] = {"choice": [0, 6]}
-    with pytest.raises(SpecError, match=r"tune.space.strategy.freeze_depth: depth 6 is beyond test_resnet \(coarse\)'s 5"):
+    with pytest.raises(
+        SpecError, match=r"tune.space.strategy.freeze_depth: depth 6 is beyond test_resnet \(coarse\)'s 5"
+    ):
         validate_space(parse_spec(tree), num_layer_groups=7, groups_of=groups_of)
 
 
 def test_unknown_metric_fails_before_any_trial(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
-    from tltrain.tune import run_tune
+    from tltrain.execution.tune import run_tune
 
     with pytest.raises(SpecError, match="tune.metric"):
         run_tune(parse_spec(_tree(fashion_folders, str(tmp_path), "m", SPACE, metric="val/accuracy")))
 
 
 def test_no_tune_section(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
-    from tltrain.tune import run_tune
+    from tltrain.execution.tune import run_tune
 
     tree = _tree(fashion_folders, str(tmp_path), "n", SPACE)
     del tree["tune"]
@@ -236,7 +247,9 @@ def test_no_tune_section(fashion_folders: tuple[str, str], tmp_path: Path) -> No
 # --- a real sweep ------------------------------------------------------------------------------
 
 
-def test_relative_paths_mean_the_drivers_directory_in_every_trial(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
+def test_relative_paths_mean_the_drivers_directory_in_every_trial(
+    fashion_folders: tuple[str, str], tmp_path: Path
+) -> None:
     """Tune moves each trial process into its trial folder unless told not to; a relative
     storage.uri or data path must mean the driver's directory there too (local Ray, whose workers
     start in the driver's directory). Before the fix the runs landed under Ray's session folder
@@ -266,12 +279,12 @@ def _evaluate_checkpoint(checkpoint_uri: str, tmp: Path) -> tuple[float, dict[st
     import torch
 
     from tltrain import storage
-    from tltrain.checkpoint import load_meta, load_model_state, verify_checkpoint
-    from tltrain.config import JobSpec
-    from tltrain.data import build_eval_loader, build_transform
-    from tltrain.loop import evaluate
-    from tltrain.model import build_model
-    from tltrain.preflight import build_plan
+    from tltrain.core.checkpoint import load_meta, load_model_state, verify_checkpoint
+    from tltrain.core.loop import evaluate
+    from tltrain.core.model import build_model
+    from tltrain.data.loaders import build_eval_loader, build_transform
+    from tltrain.execution.preflight import build_plan
+    from tltrain.spec.schema import JobSpec
 
     local = tmp / "best"
     storage.download_tree(checkpoint_uri, str(local))
@@ -294,7 +307,7 @@ def test_sweep_asha_best_checkpoint_and_tracking(
     from mlflow import MlflowClient
 
     from tltrain import storage
-    from tltrain.tune import run_tune
+    from tltrain.execution.tune import run_tune
 
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tree = _tree(fashion_folders, f"{s3_bucket}/sweeps", "sweep", SPACE)
@@ -340,7 +353,9 @@ def test_sweep_asha_best_checkpoint_and_tracking(
     exp = client.get_experiment_by_name("tune-test")
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.data.metrics["best/val/acc"] == pytest.approx(summary["best_metric"])
-    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert sorted(c.info.run_name for c in children) == sorted(f"sweep-{t['trial_id']}" for t in trials)
     assert all(c.info.status == "FINISHED" for c in children)
     by_name = {c.info.run_name: c for c in children}
@@ -423,8 +438,8 @@ def test_stop_driver_then_resume(
     trials, marking them TERMINATED; tltrain must not take those as finished. Either way --resume
     keeps the finished trials and continues the others from their checkpoints."""
     from tltrain import storage
-    from tltrain.config import load_spec
-    from tltrain.sweep_store import sweep_paths
+    from tltrain.execution.sweep_store import sweep_paths
+    from tltrain.spec.load import load_spec
 
     num_samples = 4
     # ASHA's first rung at epoch 2: a trial that has reported epoch 1 cannot have been stopped yet.
@@ -488,7 +503,11 @@ def test_stop_driver_then_resume(
 
     # A plain re-run is refused (exit 2, before anything runs); --resume continues the same search.
     refused = subprocess.run(
-        [sys.executable, "-m", "tltrain.cli", "tune", str(spec_path)], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "tltrain.cli", "tune", str(spec_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert refused.returncode == 2 and "--resume" in refused.stderr, refused.stderr
 
@@ -516,7 +535,9 @@ def test_stop_driver_then_resume(
         if tid in partway:
             assert after_epochs and min(after_epochs) > 1, f"trial {tid} did not go on from epoch 1: {after_epochs}"
         if before_epochs and after_epochs:
-            assert min(after_epochs) > max(before_epochs), f"trial {tid} repeated epochs: {before_epochs} then {after_epochs}"
+            assert min(after_epochs) > max(before_epochs), (
+                f"trial {tid} repeated epochs: {before_epochs} then {after_epochs}"
+            )
     assert summary["best_metric"] == max(t["best_metric"] for t in trials.values())
     assert storage.exists(summary["best_checkpoint"] + "/MANIFEST.json")
 
@@ -525,7 +546,7 @@ def test_optuna_searcher_is_seeded_and_inclusive(fashion_folders: tuple[str, str
     import optuna
     from ray.tune.search.optuna import OptunaSearch
 
-    from tltrain.tune import _ray_domain
+    from tltrain.execution.tune import _ray_domain
 
     spec = parse_spec(_tree(fashion_folders, str(tmp_path), "o", SPACE))
     param_space = {k: _ray_domain(d) for k, d in validate_space(spec, num_layer_groups=5).items()}
@@ -543,7 +564,7 @@ def test_optuna_searcher_is_seeded_and_inclusive(fashion_folders: tuple[str, str
 
 
 def test_summary_orders_best_first_and_marks_the_cost_front(fashion_folders: tuple[str, str], tmp_path: Path) -> None:
-    from tltrain.sweep_report import summarize
+    from tltrain.reports.sweep import summarize
 
     spec = parse_spec(_tree(fashion_folders, str(tmp_path), "s", SPACE))
 
@@ -566,7 +587,7 @@ def test_summary_orders_best_first_and_marks_the_cost_front(fashion_folders: tup
     # The printed table: best first, and a GPU-hours column only when trials used GPUs.
     import io
 
-    from tltrain.sweep_report import print_table
+    from tltrain.reports.sweep import print_table
 
     table = io.StringIO()
     print_table(summary, ["optim.lr"], table)

@@ -1,0 +1,21 @@
+"""Flags shared by several commands, defined once."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_spec_args(p: argparse.ArgumentParser) -> None:
+    """SPEC, --set and --json: every command that reads a job spec."""
+    p.add_argument("spec", help="job spec YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a spec field")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+
+
+def add_address_arg(p: argparse.ArgumentParser) -> None:
+    """`--address`, the same on `submit` and every `jobs` command."""
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)",
+    )

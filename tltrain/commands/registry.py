@@ -1,0 +1,195 @@
+"""`tltrain register`, `tltrain registry list|show|promote|pull` and `tltrain predict`.
+
+Thin: parse arguments, call tltrain.registry, print. cli.py wires these in with
+`add_commands(subparsers)`; `python -m tltrain.cli_registry ...` runs them standalone.
+Every command takes --tracking-uri (default: MLFLOW_TRACKING_URI, else ~/.tltrain/mlflow.db) and
+--json (one JSON object as the last line of stdout, for scripts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+_EXAMPLES = "refs: NAME (latest version) | NAME@ALIAS | NAME/VERSION"
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite under ~/.tltrain)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+
+
+def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
+    print(json.dumps(obj, default=str) if args.json else text)
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from tltrain.tracking.tracker import registry
+
+    info = registry.register_checkpoint(
+        args.checkpoint,
+        args.name,
+        tracking_uri=args.tracking_uri,
+        run_id=args.run_id,
+        alias=args.alias or None,
+        experiment=args.experiment,
+    )
+    state = "registered" if info.created else "already registered as"
+    _emit(args, {"name": info.name, "version": info.version, "created": info.created},
+          f"{state} {info.name} version {info.version}" + (f" (alias {args.alias})" if args.alias else ""))  # fmt: skip
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from tltrain.tracking.tracker import registry
+
+    models = registry.list_models(tracking_uri=args.tracking_uri)
+    lines = [f"{'NAME':30} {'LATEST':>6} {'VERSIONS':>8}  ALIASES"]
+    for m in models:
+        aliases = ", ".join(f"{a}={v}" for a, v in sorted(m["aliases"].items())) or "-"
+        lines.append(f"{m['name']:30} {m['latest_version'] or '-':>6} {m['num_versions']:>8}  {aliases}")
+    _emit(args, {"models": models}, "\n".join(lines) if models else "no registered models")
+    return 0
+
+
+def _format_show(d: dict[str, Any]) -> str:
+    ds = d["dataset"]
+    classes = ds["class_names"]
+    rows = [
+        ("model", f"{d['name']} version {d['version']}" + (f"  [{', '.join(d['aliases'])}]" if d["aliases"] else "")),
+        ("uri", d["model_uri"]),
+        ("created", d["created"]),
+        ("architecture", d["model_name"]),
+        ("checkpoint", d["checkpoint_uri"]),
+        ("checkpoint sha256", d["checkpoint_sha256"]),
+        ("source weights", d["source_weights_uri"] or "none (trained from scratch)"),
+        ("source sha256", d["source_weights_sha256"]),
+        ("dataset sha256", ds["sha256"]),
+        ("dataset files", ds["num_files"]),
+        ("classes", f"{len(classes)}: {', '.join(classes)}" if isinstance(classes, list) else classes),
+        ("trial", d["trial"]),
+        ("ray run", d["ray_run"]),
+        ("mlflow run", d["run_id"]),
+        ("epoch", d["epoch"]),
+        (
+            "metrics",
+            ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in (d["metrics"] or {}).items()),
+        ),
+        ("tltrain", d["tltrain_version"]),
+        ("git commit", d["git_commit"]),
+    ]
+    out = [f"{k + ':':19} {v}" for k, v in rows if v not in (None, "")]
+    if d["spec"]:
+        import yaml
+
+        out.append("spec:")
+        out.append("  " + yaml.safe_dump(d["spec"], sort_keys=False).rstrip().replace("\n", "\n  "))
+    return "\n".join(out)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from tltrain.tracking.tracker import registry
+
+    d = registry.show(args.ref, tracking_uri=args.tracking_uri)
+    _emit(args, d, _format_show(d))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from tltrain.tracking.tracker import registry
+
+    name, version = args.name, args.version
+    if version is None:  # NAME/VERSION or NAME@ALIAS in one argument
+        from mlflow import MlflowClient
+
+        mv = registry.resolve_version(MlflowClient(registry.resolve_tracking_uri(args.tracking_uri)), name)
+        name, version = mv.name, str(mv.version)
+    before = registry.promote(name, version, args.alias, tracking_uri=args.tracking_uri)
+    _emit(args, {"name": name, "version": str(version), "alias": args.alias, "previous": before},
+          f"{name}@{args.alias} -> version {version}" + (f" (was {before})" if before and before != str(version) else ""))  # fmt: skip
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from tltrain.tracking.tracker import registry
+
+    dest = registry.pull(args.ref, args.to_dir, tracking_uri=args.tracking_uri)
+    _emit(args, {"ref": args.ref, "dir": str(dest)}, f"checkpoint of {args.ref} verified in {dest}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tltrain.tracking.tracker import registry
+
+    out = registry.predict(args.model, list(args.images), tracking_uri=args.tracking_uri)
+    rows = [
+        {"image": img, "label": lab, "probability": float(p)}
+        for img, lab, p in zip(args.images, out["label"], out["probability"])
+    ]
+    width = max(len(r["image"]) for r in rows) if rows else 0
+    _emit(
+        args,
+        {"predictions": rows},
+        "\n".join(f"{r['image']:{width}}  {r['label']}  {r['probability']:.4f}" for r in rows),
+    )
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register `register`, `registry` and `predict` on the top-level parser's subparsers."""
+    p = subparsers.add_parser("register", help="register a checkpoint as an MLflow model version")
+    p.add_argument("checkpoint", help="checkpoint directory: local path or s3:// URI")
+    p.add_argument("--name", required=True, help="registered model name (e.g. the spec's tracking.registry_name)")
+    p.add_argument("--alias", default="challenger", help="alias to point at the version ('' for none)")
+    p.add_argument("--run-id", default=None, help="MLflow run to log the model into (its lineage tags are copied)")
+    p.add_argument(
+        "--experiment", default=None, help="experiment for the registration run (default: the checkpoint spec's)"
+    )
+    _common(p)
+    p.set_defaults(func=cmd_register)
+
+    reg = subparsers.add_parser("registry", help="list, inspect, promote and pull registered models", epilog=_EXAMPLES)
+    sub = reg.add_subparsers(dest="registry_command", required=True)
+    p = sub.add_parser("list", help="registered models with their aliases")
+    _common(p)
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser(
+        "show", help="a version's lineage: checkpoint, source weights, dataset, spec, metrics", epilog=_EXAMPLES
+    )
+    p.add_argument("ref", help="NAME | NAME@ALIAS | NAME/VERSION")
+    _common(p)
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("promote", help="point an alias (default champion) at a version", epilog=_EXAMPLES)
+    p.add_argument("name", help="NAME (then VERSION), or NAME/VERSION, or NAME@ALIAS")
+    p.add_argument("version", nargs="?", default=None, help="version number")
+    p.add_argument("--alias", default="champion", help="alias to move")
+    _common(p)
+    p.set_defaults(func=cmd_promote)
+    p = sub.add_parser("pull", help="download and verify a version's checkpoint files", epilog=_EXAMPLES)
+    p.add_argument("ref", help="NAME | NAME@ALIAS | NAME/VERSION")
+    p.add_argument("to_dir", help="local directory to write the checkpoint into")
+    _common(p)
+    p.set_defaults(func=cmd_pull)
+
+    p = subparsers.add_parser("predict", help="classify images with a registered model (as a downstream user would)")
+    p.add_argument("model", help="NAME@ALIAS | NAME/VERSION | models:/... | runs:/... | a local model dir")
+    p.add_argument("images", nargs="+", help="image files")
+    _common(p)
+    p.set_defaults(func=cmd_predict)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tltrain", description="tltrain model registry commands")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The fine-tuning loop: one function that reads top to bottom (the steps are in steps.py).
+
+It knows torch.distributed (when initialised) but not Ray: its only way out is `report(metrics,
+checkpoint_dir)`, which every rank calls once per epoch (Ray's report is a barrier); only rank 0
+passes a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from tltrain.core.checkpoint import CheckpointMeta, LoopState
+from tltrain.core.model import LayerGroup
+from tltrain.core.optim import (
+    apply_freeze,
+    build_optimizer,
+    build_scheduler,
+    freeze_depth_at_epoch,
+    group_lrs,
+    resolve_freeze_depth,
+    set_frozen_norms_eval,
+)
+from tltrain.core.steps import (
+    Report,
+    Trainer,
+    apply_stop_rule,
+    distributed,
+    epoch_metrics,
+    evaluate,
+    save_and_report,
+    set_backend_flags,
+    wrap_ddp,
+)
+from tltrain.spec.bounds import check_spec_batch
+from tltrain.spec.schema import JobSpec
+
+__all__ = ["LoopState", "Resume", "evaluate", "train"]
+
+
+@dataclass
+class Resume:
+    """What a checkpoint restores besides the weights (already loaded into the model)."""
+
+    train_state: dict[str, Any] | None  # optimizer, scheduler, scaler
+    meta: CheckpointMeta
+
+
+def _steps_per_epoch(spec: JobSpec, train_loader: Any) -> int:
+    _, world_size = distributed()
+    # The loader drops short batches: its length x batch is what this worker really holds.
+    check_spec_batch(len(train_loader) * spec.scaling.batch_size_per_worker * world_size, spec)
+    steps = len(train_loader) // spec.loop.grad_accum
+    return min(steps, spec.loop.max_steps_per_epoch or steps)
+
+
+def _default_meta(spec: JobSpec, num_classes: int) -> CheckpointMeta:
+    return CheckpointMeta(spec=spec.to_dict(), class_names=[str(i) for i in range(num_classes)],
+                          model_name=spec.model.name, data_config={})  # fmt: skip
+
+
+def train(
+    spec: JobSpec,
+    model: nn.Module,
+    groups: list[LayerGroup],
+    train_loader: Any,
+    val_loader: Any,
+    *,
+    device: torch.device,
+    num_classes: int,
+    report: Report,
+    meta: CheckpointMeta | None = None,
+    resume: Resume | None = None,
+    started_at: float | None = None,
+) -> LoopState:
+    """Fine-tune `model` (weights already loaded) for spec.loop.epochs, reporting once per epoch.
+
+    `meta` (class names, data config, lineage) is saved with every checkpoint, its epoch, step and
+    metrics filled in here. `started_at` (perf_counter) is when the worker began setting up; the
+    first epoch's `epoch_wall_s` counts from there.
+    """
+    rank, world_size = distributed()
+    lp = spec.loop
+    meta = meta or _default_meta(spec, num_classes)
+    torch.manual_seed(lp.seed + rank)
+    set_backend_flags(lp, device)
+    channels_last = lp.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    steps_per_epoch = _steps_per_epoch(spec, train_loader)
+    optimizer = build_optimizer(model, groups, spec.strategy, spec.optim, device)
+    scheduler = build_scheduler(optimizer, spec.schedule, steps_per_epoch, lp.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=lp.precision == "fp16")
+    state = LoopState()
+    if resume is not None:
+        if resume.train_state is not None:
+            optimizer.load_state_dict(resume.train_state["optimizer"])
+            scheduler.load_state_dict(resume.train_state["scheduler"])
+            scaler.load_state_dict(resume.train_state["scaler"])
+        state = resume.meta.loop_state
+        if state.history and state.history[-1].get("stopped_early"):
+            # Early stopping already ended this run: re-running its name finds it finished (like a
+            # run at its last epoch) instead of training one more epoch past the patience limit.
+            return state
+
+    compiled = torch.compile(model) if lp.compile else model
+    trainer = Trainer(model, compiled, optimizer, scheduler, scaler, device, lp, channels_last)
+    # Wall time between reports: training, evaluation, checkpoint save and the previous report's
+    # upload (the cost of holding the workers; epoch_time_s is the training steps alone).
+    since_report = started_at if started_at is not None else time.perf_counter()
+    current_depth: int | None = None
+
+    for epoch in range(state.epoch, lp.epochs):
+        depth = resolve_freeze_depth(freeze_depth_at_epoch(spec.strategy, epoch), groups)
+        if depth != current_depth:
+            apply_freeze(model, groups, depth)
+            trainer.ddp_model = wrap_ddp(compiled, device, world_size)
+            current_depth = depth
+        sampler = getattr(train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # a new, seeded shuffle each epoch, the same on every rank
+
+        trainer.ddp_model.train()
+        set_frozen_norms_eval(model)
+        sums = trainer.train_epoch(train_loader, steps_per_epoch, state)
+        train_metrics = epoch_metrics(sums, device)
+        val = evaluate(trainer.ddp_model, val_loader, device, num_classes, lp.precision, channels_last)
+        confusion = val.pop("confusion_matrix")
+        state.epoch = epoch + 1
+
+        metrics: dict[str, Any] = {
+            "epoch": state.epoch,
+            "global_step": state.global_step,
+            **train_metrics,
+            **val,
+            "freeze_depth": depth,
+            **group_lrs(optimizer),
+        }
+        stop = apply_stop_rule(metrics, state, spec)
+        save_and_report(trainer, metrics, confusion, state, meta, report, since_report)
+        since_report = time.perf_counter()
+        if stop:
+            break
+    return state

@@ -1,0 +1,243 @@
+"""The pieces `loop.train` is made of: backend set-up, one training epoch, evaluation, the stop rule,
+and saving + reporting an epoch. Each reads top to bottom; the loop calls them in order.
+
+Everything here knows torch.distributed (when initialised) but not Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from tltrain.core.checkpoint import CheckpointMeta, LoopState, save_checkpoint
+from tltrain.spec.metrics import (
+    DATA_WAIT_FRAC,
+    EPOCH_TIME_S,
+    EPOCH_WALL_S,
+    IMG_PER_S,
+    LR_PREFIX,
+    TRAIN_LOSS,
+    VAL_ACC,
+    VAL_ACC_PER_CLASS,
+    VAL_COUNT,
+    VAL_LOSS,
+    better,
+)
+from tltrain.spec.schema import JobSpec, LoopSpec
+
+# report(metrics, checkpoint_dir): every rank calls it once per epoch (Ray's report is a barrier);
+# only rank 0 passes a checkpoint directory.
+Report = Callable[[dict[str, Any], "str | None"], None]
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The dtype `loop.precision` computes in under autocast; None = fp32 (autocast off)."""
+    return _AUTOCAST_DTYPES[precision]
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def set_backend_flags(lp: LoopSpec, device: torch.device) -> None:
+    if device.type == "cuda":
+        # Fixed input shapes: cuDNN times its algorithms once and keeps the fastest.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = lp.tf32
+        torch.backends.cudnn.allow_tf32 = lp.tf32
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, world_size: int) -> nn.Module:
+    """DDP registers only params that require grad when it is built, so it is rebuilt whenever
+    freezing changes (progressive unfreezing)."""
+    if world_size == 1:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DDP(model, device_ids=device_ids)
+
+
+def _micro_batches(loader: Iterable[Any], n: int) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Yield groups of `n` micro-batches (one optimizer step); a short tail is dropped so every
+    step has the same effective batch and all ranks take the same number of steps."""
+    group: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == n:
+            yield group
+            group = []
+
+
+@dataclass
+class Trainer:
+    """What one optimizer step needs; built once per run (the DDP wrapper is rebuilt on unfreezing)."""
+
+    model: nn.Module  # the bare module (checkpoints, freezing, clipping)
+    ddp_model: nn.Module  # what the forward runs through (DDP and/or compiled)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    lp: LoopSpec
+    channels_last: bool
+
+    def train_epoch(self, loader: Any, steps: int, state: LoopState) -> dict[str, float]:
+        """`steps` optimizer steps of grad_accum micro-batches; returns this rank's sums."""
+        lp, device = self.lp, self.device
+        dtype = autocast_dtype(lp.precision)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        images_seen, data_wait_s = 0, 0.0
+        t_epoch = t_fetch = time.perf_counter()
+        for step_in_epoch, micro in enumerate(_micro_batches(loader, lp.grad_accum)):
+            if step_in_epoch >= steps:
+                break
+            data_wait_s += time.perf_counter() - t_fetch
+            for i, (images, labels) in enumerate(micro):
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                if self.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                # Gradients are all-reduced only on the last micro-batch of the step.
+                sync = i == len(micro) - 1 or not isinstance(self.ddp_model, DDP)
+                with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        logits = self.ddp_model(images)
+                        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=lp.label_smoothing)
+                    # Divided by the accumulation steps: the summed gradient is the mean over the step.
+                    self.scaler.scale(loss / lp.grad_accum).backward()
+                loss_sum += loss.detach().double() * images.shape[0]
+                images_seen += images.shape[0]
+            if lp.clip_grad_norm is not None:
+                self.scaler.unscale_(self.optimizer)
+                params = [p for p in self.model.parameters() if p.grad is not None]
+                torch.nn.utils.clip_grad_norm_(params, lp.clip_grad_norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            t_fetch = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return {"loss_sum": float(loss_sum), "images": images_seen, "data_wait_s": data_wait_s,
+                "seconds": time.perf_counter() - t_epoch}  # fmt: skip
+
+
+def epoch_metrics(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Training loss, throughput and data wait over all ranks (sums all-reduced, time the slowest)."""
+    _, world_size = distributed()
+    totals = torch.tensor([sums["loss_sum"], sums["images"], sums["data_wait_s"]], dtype=torch.float64, device=device)
+    seconds = torch.tensor(sums["seconds"], dtype=torch.float64, device=device)
+    _all_reduce(totals)
+    _all_reduce(seconds, dist.ReduceOp.MAX if dist.is_available() else None)
+    train_time = max(float(seconds), 1e-9)
+    return {
+        TRAIN_LOSS: float(totals[0] / max(float(totals[1]), 1.0)),
+        IMG_PER_S: float(totals[1]) / train_time,
+        EPOCH_TIME_S: float(seconds),
+        DATA_WAIT_FRAC: float(totals[2]) / world_size / train_time,
+    }
+
+
+def evaluate(
+    model: nn.Module, loader: Any, device: torch.device, num_classes: int, precision: str, channels_last: bool
+) -> dict[str, Any]:
+    """Loss, top-1 and per-class accuracy over the whole val set: each rank evaluates its shard
+    (no padding) and the sums are all-reduced."""
+    model.eval()
+    dtype = autocast_dtype(precision)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(images)
+            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
+            preds = logits.argmax(dim=1)
+            confusion += torch.bincount(labels * num_classes + preds, minlength=num_classes**2).view(
+                num_classes, num_classes
+            )
+    _all_reduce(loss_sum)
+    _all_reduce(confusion)
+    total = int(confusion.sum())
+    correct = int(confusion.diag().sum())
+    per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1).double()).tolist()
+    return {
+        VAL_LOSS: float(loss_sum) / max(total, 1),
+        VAL_ACC: correct / max(total, 1),
+        VAL_ACC_PER_CLASS: per_class,
+        VAL_COUNT: total,
+        "confusion_matrix": confusion.cpu().tolist(),
+    }
+
+
+def apply_stop_rule(metrics: dict[str, Any], state: LoopState, spec: JobSpec) -> bool:
+    """Update the best value and patience count from this epoch's metrics; True = stop now.
+
+    A NaN/inf loss does not come back: stop (Ray ranks the NaN checkpoint last) rather than fail,
+    which would restart the workers from the last checkpoint into the same divergence."""
+    value = metrics[spec.storage.metric]  # the schema checked it is a reported metric
+    diverged = not (math.isfinite(metrics[TRAIN_LOSS]) and math.isfinite(value))
+    if not diverged and better(value, state.best_metric, spec.storage.mode):
+        state.best_metric = value
+        state.evals_without_improvement = 0
+    else:
+        state.evals_without_improvement += 1
+    patience = spec.loop.early_stop_patience
+    stop = diverged or (patience is not None and state.evals_without_improvement >= patience)
+    metrics.update(best_metric=state.best_metric, stopped_early=stop, diverged=diverged)
+    return stop
+
+
+def save_and_report(
+    trainer: Trainer,
+    metrics: dict[str, Any],
+    confusion: list[list[int]],
+    state: LoopState,
+    meta: CheckpointMeta,
+    report: Report,
+    since_report: float,
+) -> None:
+    """Every rank reports once; rank 0 first writes the checkpoint that goes with the report."""
+    metrics[EPOCH_WALL_S] = time.perf_counter() - since_report
+    state.history.append({k: v for k, v in metrics.items() if not isinstance(v, list)})
+    rank, _ = distributed()
+    if rank != 0:
+        report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="tltrain-ckpt-") as ckpt_dir:
+        meta.epoch, meta.global_step = state.epoch, state.global_step
+        meta.metrics = {k: v for k, v in metrics.items() if not k.startswith(LR_PREFIX)}
+        meta.confusion_matrix = confusion
+        meta.loop_state = state
+        train_state = {
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "scaler": trainer.scaler.state_dict(),
+        }
+        save_checkpoint(ckpt_dir, trainer.model.state_dict(), train_state, meta)
+        report(metrics, ckpt_dir)

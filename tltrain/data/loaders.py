@@ -1,0 +1,134 @@
+"""CPU data path: timm preprocessing for a model, train/eval transforms, and the DataLoaders.
+
+Loaders only take `rank`/`world_size` integers; this module knows nothing else about distribution.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from timm.data import create_transform
+from timm.data import resolve_data_config as _timm_resolve_data_config
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from tltrain.data.decode import load_rgb
+from tltrain.data.folder import DataError, Sample
+from tltrain.spec.bounds import check_batch
+
+log = logging.getLogger(__name__)
+
+
+def resolve_data_config(model: torch.nn.Module, image_size: int | None) -> dict[str, Any]:
+    """timm's preprocessing for the model (mean/std/interpolation/crop_pct); image_size overrides
+    only the resolution. Saved in checkpoints so inference preprocesses identically."""
+    args = {"input_size": (3, image_size, image_size)} if image_size else {}
+    cfg = _timm_resolve_data_config(args, model=model)
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def build_transform(
+    data_config: dict[str, Any], train: bool, augment: Literal["none", "light", "randaugment"] = "light"
+) -> Callable[[Image.Image], torch.Tensor]:
+    """timm transform: eval = resize + centre crop by crop_pct; light = random-resized-crop
+    (scale 0.5-1, gentler than ImageNet's 0.08 for small fine-tuning sets) + hflip; randaugment
+    = timm's rand-m9-mstd0.5 with the ImageNet crop."""
+    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()}
+    if not train or augment == "none":
+        return create_transform(**cfg, is_training=False)
+    if augment == "light":
+        return create_transform(**cfg, is_training=True, scale=(0.5, 1.0), hflip=0.5, color_jitter=None)
+    if augment == "randaugment":
+        return create_transform(**cfg, is_training=True, auto_augment="rand-m9-mstd0.5")
+    raise ValueError(f"data.augment: unknown value {augment!r}; use none, light or randaugment")
+
+
+class ImageListDataset(Dataset):
+    """(image tensor, label) pairs from (path, label) samples.
+
+    A file that passed the up-front scan can still fail to decode here (replaced or damaged on
+    disk since the scan, a decoder error the scan's check does not reach). Rather than failing a
+    long run inside a loader worker, such a sample is replaced by the next readable one (with its
+    own label) and a counted warning names the file; only a run of `max_substitutes` unreadable
+    files in a row is an error."""
+
+    max_substitutes = 16
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable[[Image.Image], Any]) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.unreadable = 0  # per process: each loader worker counts its own
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        for k in range(min(len(self.samples), self.max_substitutes)):
+            path, label = self.samples[(i + k) % len(self.samples)]
+            try:
+                image = load_rgb(path)
+            except Exception as err:  # PIL raises many types for broken files
+                self.unreadable += 1
+                log.warning(
+                    "skipping unreadable image %s (%s: %s), using the next sample instead "
+                    "(%d unreadable so far in this loader process)",
+                    path,
+                    type(err).__name__,
+                    err,
+                    self.unreadable,
+                )
+                continue
+            return self.transform(image), label
+        raise DataError(
+            f"{self.max_substitutes} images in a row from {self.samples[i][0]} on cannot be decoded; "
+            "the dataset changed or is damaged since the job was checked: run `tltrain validate` on the spec"
+        )
+
+
+def _loader_kwargs(workers: int) -> dict[str, Any]:
+    return {
+        "num_workers": workers,
+        "pin_memory": torch.cuda.is_available(),
+        # Re-forking workers every epoch costs seconds per epoch on small datasets.
+        "persistent_workers": workers > 0,
+    }
+
+
+def build_train_loader(
+    samples: Sequence[Sample],
+    transform: Callable[[Image.Image], Any],
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    workers: int,
+) -> DataLoader:
+    """Shuffled, drop_last loader over this rank's shard. Call `loader.sampler.set_epoch(e)` each
+    epoch for a new order (same on every run with the same seed)."""
+    check_batch(len(samples), world_size, batch_size)
+    dataset = ImageListDataset(samples, transform)
+    # A 1-replica DistributedSampler is a seeded shuffler with set_epoch, so both cases share code
+    # and a 1-worker run sees the same order as it would on any machine.
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    # Seeds the loader workers' torch/random/numpy (augmentation) differently per rank.
+    generator = torch.Generator().manual_seed(seed * 65537 + rank)
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, generator=generator, **_loader_kwargs(workers)
+    )
+
+
+def build_eval_loader(
+    samples: Sequence[Sample],
+    transform: Callable[[Image.Image], Any],
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    workers: int,
+) -> DataLoader:
+    """Rank r evaluates samples[r::world_size]: no padding or duplicates, so summed counts over
+    ranks are exactly the val set (DistributedSampler would pad and skew accuracy)."""
+    dataset = ImageListDataset(list(samples)[rank::world_size], transform)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **_loader_kwargs(workers))

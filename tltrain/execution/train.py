@@ -1,0 +1,93 @@
+"""`tltrain train` on the driver: preflight, the Ray run, live progress, tracking, the summary."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from tltrain.execution.preflight import build_plan
+from tltrain.reports.progress import Progress, describe_plan, print_summary
+from tltrain.spec.metrics import IMG_PER_S
+from tltrain.spec.schema import JobSpec
+
+
+def run_train(spec: JobSpec, out: TextIO = sys.stdout) -> dict[str, Any]:
+    """Train one job end to end and return the summary (the `--json` object)."""
+    from tltrain.execution.trainer import fit
+
+    plan = build_plan(spec)
+    describe_plan(spec, plan, out)
+    progress = Progress(spec, out)
+    history: list[dict[str, Any]] = []
+    with _open_tracker(spec) as tracker:
+        tracker.log_spec(spec.to_dict())
+        if spec.tracking.enabled:
+            from tltrain.tracking.tracker import lineage_tags
+
+            tracker.set_tags(
+                lineage_tags(
+                    spec.to_dict(),
+                    plan.fingerprint,
+                    source_weights_uri=str(plan.weights_uri),
+                    source_weights_sha256=plan.weights_sha256,
+                    ray_run=spec.name,
+                )
+            )
+
+        def on_report(metrics: dict[str, Any], checkpoint_uri: str | None) -> None:
+            progress.line(metrics)
+            history.append(metrics)
+            tracker.log_epoch(metrics, step=int(metrics["epoch"]))
+
+        result = fit(spec, plan, on_report)
+        if result.error is not None:
+            tracker.end("FAILED")
+            raise result.error
+        summary = _summary(spec, result, history)
+        summary["mlflow_run_id"] = tracker.run_id
+        tracker.log_final(result.best_checkpoint_uri, history)
+        if spec.tracking.registry_name and not spec.tracking.enabled:
+            print(
+                "note: tracking.registry_name is set but tracking.enabled is false: not registered "
+                "(run `tltrain register CHECKPOINT --name NAME` later)",
+                file=out,
+            )
+        if spec.tracking.enabled and spec.tracking.registry_name and result.best_checkpoint_uri:
+            from tltrain.tracking.registry import register_checkpoint
+
+            version = register_checkpoint(
+                result.best_checkpoint_uri,
+                spec.tracking.registry_name,
+                tracking_uri=spec.tracking.uri,
+                run_id=tracker.run_id,
+            )
+            summary["registered_model"] = f"models:/{version.name}/{version.version}"
+    print_summary(summary, out)
+    return summary
+
+
+def _open_tracker(spec: JobSpec) -> Any:
+    if not spec.tracking.enabled:
+        from tltrain.tracking.null import NullTracker
+
+        return NullTracker()
+    from tltrain.tracking.tracker import open_tracker
+
+    return open_tracker(spec, run_name=spec.name)
+
+
+def _summary(spec: JobSpec, result: Any, history: list[dict[str, Any]]) -> dict[str, Any]:
+    last = history[-1] if history else (result.latest_metrics or {})
+    best = result.best_metrics or {}
+    return {
+        "run_name": spec.name,
+        "metric": spec.storage.metric,
+        "best_metric": best.get(spec.storage.metric, last.get("best_metric")),
+        "best_checkpoint": result.best_checkpoint_uri,
+        "epochs_completed": int(last.get("epoch", 0)),
+        "epochs_this_invocation": len(history),
+        "stopped_early": bool(last.get("stopped_early", False)),
+        "diverged": bool(last.get("diverged", False)),
+        IMG_PER_S: (sum(h[IMG_PER_S] for h in history) / len(history)) if history else None,
+        "storage_uri": f"{spec.storage.uri.rstrip('/')}/{spec.name}",
+    }

@@ -1,0 +1,187 @@
+"""Ray Train on the driver: the TorchTrainer around a worker function, fit, the best checkpoint.
+
+One builder (`build_trainer`) and one report forwarder serve `train`, each Tune trial and `bench`.
+Progress goes driver-side through a Train `UserCallback` (it runs in the controller actor) into a
+Ray queue that the driver thread drains, so progress lines and MLflow calls happen in the user's
+process, not inside an actor.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.callback import UserCallback
+from ray.util.queue import Empty, Queue
+
+from tltrain import storage
+from tltrain.core.checkpoint import MANIFEST_FILE, META_FILE, CheckpointMeta
+from tltrain.core.plan import TrainPlan
+from tltrain.execution.worker import checkpoint_uri, worker_fn
+from tltrain.spec.metrics import ranked
+from tltrain.spec.schema import JobSpec
+
+log = logging.getLogger(__name__)
+
+OnReport = Callable[[dict[str, Any], "str | None"], None]
+
+
+class ForwardReports(UserCallback):
+    """Runs in the Train controller: forwards rank 0's metrics (+ checkpoint path) to the driver."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        path = checkpoint.path if checkpoint is not None else None
+        self.queue.put((metrics[0], path))
+
+
+@dataclass
+class FitResult:
+    best_checkpoint_uri: str | None
+    best_metrics: dict[str, Any] | None
+    latest_metrics: dict[str, Any] | None
+    error: BaseException | None
+
+
+def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
+    if ray.is_initialized():
+        return
+    # address None: RAY_ADDRESS or a cluster started on this machine, else a new local Ray
+    # (Ray's own resolution). Worker logs reach the driver; Ray's INFO chatter does not.
+    ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=True)
+
+
+def keep_working_dir() -> None:
+    """Ray Train and Tune move workers and trial processes into a per-run directory unless this is
+    off; relative data, weights and storage paths in a spec must resolve against the job's working
+    directory, as on the driver. Set before a trainer or Tuner starts: Tune hands it on to trials."""
+    os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+
+
+def build_trainer(
+    spec: JobSpec,
+    plan: TrainPlan | None,
+    callbacks: list[Any],
+    name: str | None = None,
+    *,
+    worker: Callable[[dict[str, Any]], None] = worker_fn,
+    extra_config: dict[str, Any] | None = None,
+) -> TorchTrainer:
+    """The TorchTrainer of a spec: its workers, resources, storage, checkpoint ranking and failure
+    policy. `worker` gets {"spec", "plan", **extra_config} (bench passes its own workers)."""
+    # The retrying wrapper: Ray's controller writes its run snapshot right after each checkpoint,
+    # and a storage outage at that moment would otherwise fail the run with a ControllerError.
+    filesystem, storage_path = storage.pyarrow_filesystem(spec.storage.uri, retry_s=storage.OUTAGE_RETRY_S)
+    if not storage.is_s3(spec.storage.uri):
+        Path(storage_path).mkdir(parents=True, exist_ok=True)
+    keep_working_dir()
+    resources = {"CPU": spec.scaling.cpus_per_worker}
+    if spec.scaling.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        worker,
+        train_loop_config={"spec": spec.to_dict(), "plan": plan.to_dict() if plan else None, **(extra_config or {})},
+        scaling_config=ScalingConfig(
+            num_workers=spec.scaling.num_workers,
+            use_gpu=spec.scaling.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=spec.scaling.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=name or spec.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=spec.storage.keep,
+                checkpoint_score_attribute=spec.storage.metric,
+                checkpoint_score_order=spec.storage.mode,
+            ),
+            failure_config=FailureConfig(max_failures=spec.storage.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def fit(
+    spec: JobSpec,
+    plan: TrainPlan | None,
+    on_report: OnReport,
+    *,
+    name: str | None = None,
+    worker: Callable[[dict[str, Any]], None] = worker_fn,
+    extra_config: dict[str, Any] | None = None,
+) -> FitResult:
+    """Run the training job; `on_report(metrics, checkpoint_uri)` is called on the driver for every
+    report of rank 0 (once per epoch for worker_fn)."""
+    ensure_ray(spec.scaling.address)
+    queue: Queue = Queue()
+    trainer = build_trainer(spec, plan, [ForwardReports(queue)], name, worker=worker, extra_config=extra_config)
+
+    def drain(block_s: float) -> None:
+        try:
+            metrics, path = queue.get(timeout=block_s) if block_s else queue.get_nowait()
+        except Empty:
+            return
+        on_report(metrics, checkpoint_uri(spec.storage.uri, path) if path else None)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(trainer.fit)
+        while not future.done():
+            drain(0.5)
+        while not queue.empty():
+            drain(0)
+        try:
+            result = future.result()
+            error = result.error
+        except Exception as err:  # TrainingFailedError: reported with the partial result below
+            result, error = None, err
+    queue.shutdown()
+    if result is None:
+        return FitResult(None, None, None, error)
+    best_uri, best_metrics = best_checkpoint(result, spec.storage.uri, spec.storage.metric, spec.storage.mode)
+    return FitResult(
+        best_checkpoint_uri=best_uri,
+        best_metrics=best_metrics,
+        latest_metrics=result.metrics,
+        error=error,
+    )
+
+
+def _invalid_checkpoints(storage_uri: str, latest: Any) -> set[str]:
+    """URIs that a restore of this run found corrupt or incomplete (recorded in the latest meta)."""
+    if latest is None:
+        return set()
+    with tempfile.TemporaryDirectory(prefix="tltrain-meta-") as directory:
+        local = f"{directory}/{META_FILE}"
+        try:
+            storage.download_file(f"{checkpoint_uri(storage_uri, latest.path)}/{META_FILE}", local)
+            return set(CheckpointMeta.from_json(Path(local).read_text()).invalid_checkpoints)
+        except Exception as err:  # a missing meta must not fail a finished run; just skip the filter
+            log.warning("could not read %s of the latest checkpoint: %s", META_FILE, err)
+            return set()
+
+
+def best_checkpoint(result: Any, storage_uri: str, metric: str, mode: str) -> tuple[str | None, dict[str, Any] | None]:
+    """(URI, metrics) of a Train run's best checkpoint by `metric` that is still complete in storage
+    (`keep` may have deleted it) and that no restore rejected as corrupt (Ray still ranks those: it
+    cannot know that a file changed after the upload). Used by `train` and by each Tune trial."""
+    if not result.best_checkpoints:
+        return None, None
+    invalid = _invalid_checkpoints(storage_uri, result.checkpoint)
+    for ckpt, metrics in ranked(result.best_checkpoints, lambda cm: cm[1].get(metric), mode):
+        uri = checkpoint_uri(storage_uri, ckpt.path)
+        if uri not in invalid and storage.exists(f"{uri}/{MANIFEST_FILE}"):
+            return uri, metrics
+    return None, None

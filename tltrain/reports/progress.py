@@ -1,0 +1,82 @@
+"""What `tltrain train` prints: the plan before the run, one line per epoch, the closing summary."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, TextIO
+
+from tltrain.core.plan import TrainPlan
+from tltrain.spec.metrics import IMG_PER_S, TRAIN_LOSS, VAL_LOSS
+from tltrain.spec.schema import JobSpec
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
+class Progress:
+    """One line per epoch on the driver: loss, the ranked metric, throughput and ETA."""
+
+    def __init__(self, spec: JobSpec, out: TextIO) -> None:
+        self.spec = spec
+        self.out = out
+        self.started = time.monotonic()
+        self.first_epoch: int | None = None
+
+    def line(self, metrics: dict[str, Any]) -> None:
+        epoch = int(metrics["epoch"])
+        total = self.spec.loop.epochs
+        if self.first_epoch is None:
+            self.first_epoch = epoch - 1
+        done_here = epoch - self.first_epoch
+        per_epoch = (time.monotonic() - self.started) / max(done_here, 1)
+        eta = 0.0 if metrics.get("stopped_early") else per_epoch * (total - epoch)
+        key = self.spec.storage.metric
+        best = metrics["best_metric"]
+        parts = [
+            f"epoch {epoch}/{total}",
+            f"train/loss {metrics[TRAIN_LOSS]:.4f}",
+            f"val/loss {metrics[VAL_LOSS]:.4f}",
+            f"{key} {metrics[key]:.4f} (best {'-' if best is None else f'{best:.4f}'})",
+            f"{metrics[IMG_PER_S]:.0f} img/s",
+            f"ETA {_fmt_duration(eta)}",
+        ]
+        if metrics.get("diverged"):
+            parts.append("stopped: the loss diverged (NaN/inf); lower optim.lr or set loop.clip_grad_norm")
+        elif metrics.get("stopped_early"):
+            parts.append("early stop")
+        print("  ".join(parts), file=self.out, flush=True)
+
+
+def describe_plan(spec: JobSpec, plan: TrainPlan, out: TextIO) -> None:
+    freeze = spec.strategy.freeze_depth
+    print(
+        f"{spec.name}: {spec.model.name} ({plan.num_layer_groups} layer groups + head; freeze_depth {freeze}), "
+        f"{len(plan.class_names)} classes, {len(plan.train)} train / {len(plan.val)} val images, "
+        f"{spec.scaling.num_workers} worker(s) x batch {spec.scaling.batch_size_per_worker}"
+        f"{' x accum ' + str(spec.loop.grad_accum) if spec.loop.grad_accum > 1 else ''}, "
+        f"{spec.loop.precision}, {'GPU' if spec.scaling.use_gpu else 'CPU'}",
+        file=out,
+        flush=True,
+    )
+    if plan.skipped:
+        print(
+            f"warning: {len(plan.skipped)} file(s) skipped (data.on_bad_image=skip or not images), "
+            f"e.g. {plan.skipped[0][0]}: {plan.skipped[0][1]}",
+            file=out,
+            flush=True,
+        )
+
+
+def print_summary(summary: dict[str, Any], out: TextIO) -> None:
+    best = summary["best_metric"]
+    print(
+        f"done: {summary['run_name']} — {summary['epochs_completed']} epoch(s), best {summary['metric']} {best:.4f}"
+        if isinstance(best, float)
+        else f"done: {summary['run_name']}",
+        file=out,
+    )
+    print(f"best checkpoint: {summary['best_checkpoint']}", file=out, flush=True)

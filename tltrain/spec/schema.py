@@ -1,0 +1,289 @@
+"""The job spec: typed, validated, with defaults and a description per field.
+
+No torch or Ray import here, so a spec can be checked before anything heavy loads.
+Every setting the service has lives in one of these models; other modules read
+fields, never `dict.get(key, default)`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tltrain.spec import metrics
+from tltrain.spec.space import parse_distribution
+
+DEFAULT_STORE_DIR = "~/.tltrain"
+
+
+class SpecError(ValueError):
+    """A job spec (or a `--set` override) is invalid; the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+FreezeDepth = int | Literal["all"]
+
+
+class ModelSpec(_Section):
+    name: str = Field(description="timm model name, or torchvision:<name>")
+    weights: str | None = Field(
+        default=None,
+        description='source weights: local path | s3:// URI | "hub" (timm/torchvision download) | null (from scratch)',
+    )
+    weights_remap: bool = Field(
+        default=False,
+        description="load weights whose tensor names differ but whose shapes match in order (e.g. packaged "
+        "EfficientNet-Lite0 .pth into timm's tf_efficientnet_lite0)",
+    )
+    drop_rate: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout before the new head")
+
+
+class DataSpec(_Section):
+    train: str = Field(description="ImageFolder root (<class>/<image>): local path or s3:// URI")
+    val: str | None = Field(default=None, description="ImageFolder root for validation; or set val_fraction")
+    val_fraction: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="seeded per-class split of train used for validation when val is unset",
+    )
+    image_size: int | None = Field(
+        default=None, ge=16, le=1024, description="train/eval resolution; null = the model's pretrained config"
+    )
+    augment: Literal["none", "light", "randaugment"] = Field(
+        default="light",
+        description="none = resize+crop; light = random-resized-crop + flip; randaugment = timm rand-m9",
+    )
+    loader_workers: int = Field(default=2, ge=0, description="DataLoader worker processes per Ray worker")
+    on_bad_image: Literal["error", "skip"] = Field(
+        default="error",
+        description="an unreadable image: error = reject the job up front; skip = drop it with a counted warning",
+    )
+    max_images_per_class: int | None = Field(
+        default=None, ge=1, description="use at most this many training images per class (seeded); null = all"
+    )
+    cache_dir: str = Field(
+        default=f"{DEFAULT_STORE_DIR}/cache", description="local directory where s3:// datasets are downloaded once"
+    )
+    format: Literal["imagefolder", "shards"] = Field(
+        default="imagefolder",
+        description="imagefolder = decode + augment each image on CPU every epoch; shards = read the uint8 shards "
+        "of `tltrain prepare` (data.prepared), crop/flip/normalize on the worker's device",
+    )
+    prepared: str | None = Field(
+        default=None, description="URI (local dir or s3://) written by `tltrain prepare`; required by format: shards"
+    )
+    decode: Literal["cpu", "nvjpeg"] = Field(
+        default="cpu",
+        description="imagefolder only: nvjpeg = loader workers read file bytes, JPEGs decode and augment on the GPU",
+    )
+
+    @model_validator(mode="after")
+    def _device_data_path(self) -> DataSpec:
+        if self.format == "shards" and self.prepared is None:
+            raise ValueError("data.format shards needs data.prepared (the URI given to `tltrain prepare --out`)")
+        if (self.format == "shards" or self.decode == "nvjpeg") and self.augment == "randaugment":
+            raise ValueError(
+                "data.augment randaugment runs on CPU only: use data.format imagefolder with data.decode cpu"
+            )
+        if self.format == "shards" and self.decode != "cpu":
+            raise ValueError("data.decode applies to data.format imagefolder (shards are already decoded)")
+        return self
+
+
+class StrategySpec(_Section):
+    freeze_depth: FreezeDepth = Field(
+        default=0,
+        description='first N layer groups frozen, counted from the stem; 0 = full fine-tune; "all" = feature extraction',
+    )
+    layer_decay: float | None = Field(
+        default=None, gt=0.0, le=1.0, description="LR x decay^k for the group k steps below the top; null = one LR"
+    )
+    head_lr_mult: float = Field(default=1.0, gt=0.0, description="LR multiplier for the new classification head")
+    group_granularity: Literal["coarse", "fine"] = Field(
+        default="coarse", description="layer groups from timm's group_matcher: coarse = stages, fine = blocks"
+    )
+    unfreeze: dict[int, FreezeDepth] = Field(
+        default_factory=dict, description="progressive unfreezing: {epoch: freeze_depth from that epoch on}"
+    )
+
+    @field_validator("freeze_depth")
+    @classmethod
+    def _non_negative(cls, v: FreezeDepth) -> FreezeDepth:
+        if isinstance(v, int) and v < 0:
+            raise ValueError('must be >= 0 (0 = full fine-tune) or "all"')
+        return v
+
+    @field_validator("unfreeze")
+    @classmethod
+    def _unfreeze_epochs(cls, v: dict[int, FreezeDepth]) -> dict[int, FreezeDepth]:
+        for epoch, depth in v.items():
+            if epoch < 0:
+                raise ValueError(f"epoch {epoch} must be >= 0")
+            if isinstance(depth, int) and depth < 0:
+                raise ValueError(f"depth for epoch {epoch} must be >= 0 or 'all'")
+        return dict(sorted(v.items()))
+
+
+class OptimSpec(_Section):
+    name: Literal["adamw", "sgd"] = Field(default="adamw", description="optimizer")
+    lr: float = Field(default=3e-4, gt=0.0, description="base LR (the top layer group; head gets x head_lr_mult)")
+    weight_decay: float = Field(
+        default=0.05, ge=0.0, description="decoupled weight decay; never applied to norms and biases"
+    )
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas")
+
+
+class ScheduleSpec(_Section):
+    kind: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="decay after warmup")
+    warmup_epochs: float = Field(default=0.0, ge=0.0, description="linear warmup from 0, in epochs (fractions allowed)")
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0, description="final LR as a fraction of the base LR")
+
+
+class LoopSpec(_Section):
+    epochs: int = Field(default=10, ge=1, description="training epochs")
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        default="bf16", description="autocast dtype; fp16 adds a GradScaler; bf16 on CPU is slow on old CPUs"
+    )
+    grad_accum: int = Field(default=1, ge=1, description="micro-batches per optimizer step (DDP sync on the last only)")
+    clip_grad_norm: float | None = Field(default=None, gt=0.0, description="clip the global grad norm; null = off")
+    early_stop_patience: int | None = Field(
+        default=None, ge=1, description="stop after this many evals without improving storage.metric; null = off"
+    )
+    seed: int = Field(default=0, description="seed for init, split, shuffling and augmentation")
+    max_steps_per_epoch: int | None = Field(
+        default=None, ge=1, description="cap optimizer steps per epoch (quick runs); null = whole epoch"
+    )
+    channels_last: bool = Field(default=True, description="NHWC memory format on GPU (faster convs)")
+    compile: bool = Field(default=False, description="torch.compile the model (GPU)")
+    tf32: bool = Field(
+        default=True, description="fp32 matmuls/convolutions on CUDA use TF32 tensor cores (Ampere and later)"
+    )
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
+
+
+class ScalingSpec(_Section):
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = Field(default=False, description="one GPU per worker, NCCL; false = CPU workers, gloo")
+    batch_size_per_worker: int = Field(default=32, ge=1, description="micro-batch size on each worker")
+    cpus_per_worker: float = Field(default=1.0, gt=0.0, description="CPUs reserved per worker (data loading)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="where Ray places the workers: PACK = as few nodes as possible (fast NCCL within a node); "
+        "SPREAD = across nodes (one node's loss takes fewer ranks); STRICT_* = must, or wait",
+    )
+    address: str | None = Field(
+        default=None, description="Ray cluster address; null = RAY_ADDRESS or a local Ray started on demand"
+    )
+
+
+class StorageSpec(_Section):
+    uri: str = Field(
+        default=f"{DEFAULT_STORE_DIR}/runs", description="checkpoint root: local dir or s3://bucket/prefix"
+    )
+    keep: int = Field(default=2, ge=1, description="checkpoints kept: top-k by metric (the latest is kept too)")
+    metric: str = Field(default=metrics.VAL_ACC, description="metric that ranks checkpoints and drives early stopping")
+    mode: Literal["max", "min"] = Field(default="max", description="whether larger metric is better")
+    max_failures: int = Field(default=2, ge=0, description="worker-group restarts from the latest checkpoint")
+
+    @field_validator("metric")
+    @classmethod
+    def _reported(cls, v: str) -> str:
+        return metrics.check_rankable(v)
+
+
+class TrackingSpec(_Section):
+    enabled: bool = Field(default=True, description="log to MLflow")
+    uri: str | None = Field(
+        default=None, description="MLflow tracking URI; null = MLFLOW_TRACKING_URI or sqlite under ~/.tltrain"
+    )
+    experiment: str = Field(default="tltrain", description="MLflow experiment name")
+    registry_name: str | None = Field(default=None, description="register the best checkpoint under this model name")
+
+
+Distribution = dict[str, list[Any]]
+
+
+class SchedulerSpec(_Section):
+    kind: Literal["asha", "fifo"] = Field(default="asha", description="trial scheduler")
+    grace_epochs: int = Field(default=1, ge=1, description="ASHA: epochs every trial runs before it may be stopped")
+    reduction_factor: float = Field(default=3, gt=1, description="ASHA: keep 1/reduction_factor of trials per rung")
+
+
+class TuneSpec(_Section):
+    num_samples: int = Field(default=8, ge=1, description="trials to run")
+    metric: str = Field(default=metrics.VAL_ACC, description="metric the search optimises")
+    mode: Literal["max", "min"] = Field(default="max", description="whether larger metric is better")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="early stopping of bad trials")
+    searcher: Literal["random", "optuna"] = Field(default="random", description="how trials are sampled")
+    seed: int = Field(default=0, description="searcher seed, so a search can be repeated")
+    max_concurrent_trials: int | None = Field(
+        default=None, ge=1, description="cap on trials at once; null = as resources allow"
+    )
+    space: dict[str, Distribution | Literal["auto"]] = Field(
+        default_factory=dict,
+        description="dotted spec path -> {choice: [a, b, ...]} | {randint: [low, high]} (integers, both ends "
+        "inclusive) | {uniform: [low, high]} | {loguniform: [low, high]} (0 < low) | auto (strategy.freeze_depth: "
+        "every depth 0..the model's layer groups)",
+    )
+
+    @field_validator("metric")
+    @classmethod
+    def _reported(cls, v: str) -> str:
+        return metrics.check_rankable(v)
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _distributions(cls, v: Any) -> Any:
+        # Shape only (kind, arity, bounds); which keys exist and what values they take is checked
+        # against the spec and the model by spec.search.validate_space before a sweep starts.
+        if isinstance(v, dict):
+            for key, raw in v.items():
+                parse_distribution(str(key), raw)
+        return v
+
+
+class JobSpec(_Section):
+    name: str = Field(description="run name; re-running the same name resumes it")
+    model: ModelSpec
+    data: DataSpec
+    strategy: StrategySpec = Field(default_factory=StrategySpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    loop: LoopSpec = Field(default_factory=LoopSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    tune: TuneSpec | None = Field(default=None, description="search settings, used by `tltrain tune`")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
+            raise ValueError("use letters, digits, '.', '_' or '-' (it names directories and MLflow runs)")
+        return v
+
+    @model_validator(mode="after")
+    def _val_source(self) -> JobSpec:
+        if self.data.val is not None and self.data.val_fraction is not None:
+            raise ValueError("data: set either data.val or data.val_fraction, not both")
+        if self.data.val is None and self.data.val_fraction is None:
+            raise ValueError("data: set data.val (a folder) or data.val_fraction (e.g. 0.1)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec as plain JSON types (saved with checkpoints and logged as params)."""
+        return json.loads(self.model_dump_json())
+
+
+def expand_path(path: str) -> str:
+    """Expand ~ in local paths; URIs pass through unchanged."""
+    return path if "://" in path else str(Path(path).expanduser())
