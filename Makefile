@@ -8,7 +8,7 @@ SHELL := /bin/bash
 # This machine's pip config lists an index directory that may be absent; pip warns once per package.
 QUIET_PIP := sed '/^WARNING: Location/d'
 
-.PHONY: setup demo test test-fast
+.PHONY: setup demo lint test test-fast
 
 setup: $(STAMP)
 
@@ -26,7 +26,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/tltrain demo
 
-test: setup
+# Style and types first (seconds): a failure there needs no 30-minute suite to show.
+lint: setup
+	$(VENV)/bin/ruff format --check tltrain tests
+	$(VENV)/bin/ruff check tltrain tests
+	$(VENV)/bin/mypy
+
+test: setup lint
 	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(PY) -m pytest -q
 
 test-fast: setup

@@ -136,7 +136,6 @@ def test_frozen_groups_run_no_backward_and_stay_unchanged() -> None:
         device=cpu,
         num_classes=4,
         report=lambda m, c: None,
-        meta={},
     )
     for n, value in before.items():
         assert torch.equal(dict(model.named_parameters())[n], value), n
@@ -183,7 +182,6 @@ def test_compiled_model_checkpoint_loads_into_a_plain_model(monkeypatch: pytest.
         device=cpu,
         num_classes=4,
         report=report,
-        meta={},
     )
     assert wrapped and any(k.startswith("_orig_mod.") for k in wrapped[0].state_dict())
     assert not any("_orig_mod" in k for k in saved)

@@ -16,7 +16,7 @@ from tltrain.data.decode import load_rgb
 from tltrain.data.folder import DataError, plan_dataset, scan_image_folder
 from tltrain.data.loaders import build_eval_loader, build_train_loader, build_transform, resolve_data_config
 from tltrain.data.packaged import FASHION_MNIST_CLASSES, materialize_fashion_mnist
-from tltrain.spec.schema import DataSpec
+from tltrain.spec.schema import DataSpec, SpecError
 
 
 def _folder(root: Path, counts: dict[str, int], size: int = 8) -> Path:
@@ -145,7 +145,7 @@ def test_train_loader_seeded_epochs_and_shards(fashion_folders: tuple[str, str])
     assert epoch_labels(0, 1, 0) == epoch_labels(0, 1, 0)  # reproducible
     assert epoch_labels(0, 1, 0) != epoch_labels(0, 1, 1)  # set_epoch reshuffles
     assert len(epoch_labels(0, 2, 0)) == len(epoch_labels(1, 2, 0)) == 144  # 150 per rank -> 9 batches
-    with pytest.raises(DataError, match="batch_size_per_worker"):
+    with pytest.raises(SpecError, match="batch_size_per_worker"):
         build_train_loader(plan.train[:10], tf, 16, 0, 1, seed=0, workers=0)
 
 
@@ -156,13 +156,17 @@ def test_s3_dataset_scans_through_cache(s3_bucket: str, tmp_path: Path) -> None:
     spec = DataSpec(
         train=f"{s3_bucket}/fashion/train", val=f"{s3_bucket}/fashion/val", cache_dir=str(tmp_path / "cache")
     )
-    plan = plan_dataset(spec, seed=0)
+    plan = plan_dataset(spec, seed=0, localize=storage.localizer(spec.cache_dir))
     assert len(plan.train) == 60 and len(plan.val) == 20
     assert all(p.startswith(str(tmp_path / "cache")) for p, _ in plan.train + plan.val)
     # the same data gives the same fingerprint wherever it lives
     assert plan.fingerprint == plan_dataset(DataSpec(train=train, val=val), seed=0).fingerprint
     with pytest.raises(DataError, match=r"data\.train.*does not exist"):
-        plan_dataset(spec.model_copy(update={"train": f"{s3_bucket}/nothing"}), seed=0)
+        plan_dataset(
+            spec.model_copy(update={"train": f"{s3_bucket}/nothing"}),
+            seed=0,
+            localize=storage.localizer(spec.cache_dir),
+        )
 
 
 def test_packaged_fashion_mnist_is_idempotent(tmp_path: Path) -> None:

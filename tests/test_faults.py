@@ -34,11 +34,13 @@ from tltrain.core.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
     CheckpointError,
+    CheckpointMeta,
     load_meta,
     save_checkpoint,
     verify_checkpoint,
 )
 from tltrain.storage import _retry as storage_retry
+from tltrain.storage import store
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -270,7 +272,7 @@ def _epoch_lines(stdout: str, total: int) -> list[int]:
     return [int(m) for m in re.findall(rf"^epoch (\d+)/{total}\b", stdout, flags=re.M)]
 
 
-def _final_meta(tmp_path: Path, checkpoint_uri: str) -> dict[str, Any]:
+def _final_meta(tmp_path: Path, checkpoint_uri: str) -> CheckpointMeta:
     local = tmp_path / f"dl-{checkpoint_uri.rsplit('/', 1)[-1]}"
     storage.download_tree(checkpoint_uri, str(local))
     verify_checkpoint(local)
@@ -338,10 +340,10 @@ def test_worker_sigkill_mid_epoch_restores_from_last_checkpoint(
     assert summary["epochs_completed"] == epochs and summary["epochs_this_invocation"] == epochs
 
     meta = _final_meta(tmp_path, _latest_checkpoint_uri(run_uri))
-    history = meta["loop_state"]["history"]
+    history = meta.loop_state.history
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     assert [h["global_step"] for h in history] == [STEPS_PER_EPOCH * e for e in range(1, epochs + 1)]
-    assert meta["epoch"] == epochs and meta["global_step"] == epochs * STEPS_PER_EPOCH
+    assert meta.epoch == epochs and meta.global_step == epochs * STEPS_PER_EPOCH
 
 
 # ---- 2. the driver is SIGKILLed; running the same job again resumes -----------------------------
@@ -378,8 +380,8 @@ def test_driver_sigkill_then_rerun_resumes(
     assert summary["epochs_completed"] == epochs
     assert summary["epochs_this_invocation"] == epochs - done_before
     meta = _final_meta(tmp_path, _latest_checkpoint_uri(run_uri))
-    assert [h["epoch"] for h in meta["loop_state"]["history"]] == list(range(1, epochs + 1))
-    assert meta["global_step"] == epochs * STEPS_PER_EPOCH
+    assert [h["epoch"] for h in meta.loop_state.history] == list(range(1, epochs + 1))
+    assert meta.global_step == epochs * STEPS_PER_EPOCH
 
 
 # ---- 3. the S3 endpoint goes away for ~10 s during a checkpoint upload ---------------------------
@@ -548,8 +550,8 @@ def test_s3_outages_during_checkpoint_upload_and_ray_state_write_are_ridden_out(
         local = tmp_path / "verify" / name
         storage.download_tree(f"{run_uri}/{name}", str(local))
         verify_checkpoint(local)
-    assert load_meta(tmp_path / "verify" / cut_name)["epoch"] == 2
-    assert load_meta(tmp_path / "verify" / complete[-1])["epoch"] == epochs
+    assert load_meta(tmp_path / "verify" / cut_name).epoch == 2
+    assert load_meta(tmp_path / "verify" / complete[-1]).epoch == epochs
     assert _registered_latest(run_uri) == complete[-1]  # Ray's snapshot was written after all
 
 
@@ -566,7 +568,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
     assert first.wait(600) == 0, first.stderr[-5000:]
     older, latest = _complete_checkpoints(run_uri)
     latest_uri = f"{run_uri}/{latest}"
-    assert _final_meta(tmp_path, latest_uri)["epoch"] == 2
+    assert _final_meta(tmp_path, latest_uri).epoch == 2
 
     # Flip one byte in the tensor data (past the safetensors header) of the latest checkpoint.
     local = tmp_path / "tamper" / MODEL_FILE
@@ -594,9 +596,9 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(
     assert summary["epochs_completed"] == 3
     assert summary["best_checkpoint"] != latest_uri  # never the damaged one, whatever its val/acc
     meta = _final_meta(tmp_path, _latest_checkpoint_uri(run_uri))
-    assert latest_uri in meta["invalid_checkpoints"]
-    assert [h["epoch"] for h in meta["loop_state"]["history"]] == [1, 2, 3]
-    assert meta["global_step"] == 3 * STEPS_PER_EPOCH
+    assert latest_uri in meta.invalid_checkpoints
+    assert [h["epoch"] for h in meta.loop_state.history] == [1, 2, 3]
+    assert meta.global_step == 3 * STEPS_PER_EPOCH
 
 
 # ---- the same mechanisms, without Ray (seconds) --------------------------------------------------
@@ -622,7 +624,7 @@ def _local_run(tmp_path: Path) -> tuple[Any, Path, list[Path]]:
         model = nn.Linear(2, 2)
         nn.init.constant_(model.weight, float(epoch))
         d = run / f"checkpoint_2026-01-01_00-00-0{epoch}.000000"
-        save_checkpoint(d, model.state_dict(), {"optimizer": {}}, {"epoch": epoch, "global_step": 10 * epoch})
+        save_checkpoint(d, model.state_dict(), {"optimizer": {}}, CheckpointMeta(epoch=epoch, global_step=10 * epoch))
         dirs.append(d)
     return spec, run, dirs
 
@@ -631,7 +633,7 @@ def _restore_from(monkeypatch: pytest.MonkeyPatch, spec: Any, latest: Path) -> t
     import ray.train
     from torch import nn
 
-    from tltrain.execution import trainer as ray_train
+    from tltrain.execution import worker as ray_train
 
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint(path=str(latest)))
     model = nn.Linear(2, 2)
@@ -649,7 +651,7 @@ def test_restore_falls_back_past_corrupt_and_incomplete_checkpoints(
     (c3 / MODEL_FILE).write_bytes(bytes(data))
     (c2 / MANIFEST_FILE).unlink()  # an upload that never finished
     resume, rejected, model = _restore_from(monkeypatch, spec, c3)
-    assert resume.meta["epoch"] == 1 and float(model.weight[0, 0].detach()) == 1.0
+    assert resume.meta.epoch == 1 and float(model.weight[0, 0].detach()) == 1.0
     assert rejected == [str(c3), str(c2)]
     messages = [r.getMessage() for r in caplog.records]
     assert any(f"{c3} is corrupt: {MODEL_FILE} does not match its sha256; falling back" in m for m in messages), (
@@ -679,7 +681,7 @@ def test_restore_refuses_a_resealed_malicious_train_state_and_falls_back(
     manifest["files"][STATE_FILE] = hashlib.sha256((c3 / STATE_FILE).read_bytes()).hexdigest()
     (c3 / MANIFEST_FILE).write_text(_json.dumps(manifest))
     resume, rejected, _ = _restore_from(monkeypatch, spec, c3)
-    assert resume.meta["epoch"] == 2 and rejected == [str(c3)]
+    assert resume.meta.epoch == 2 and rejected == [str(c3)]
     assert not marker.exists()
 
 
@@ -699,12 +701,12 @@ def test_best_checkpoint_skips_ones_a_restore_rejected(tmp_path: Path) -> None:
 
     import ray.train
 
-    from tltrain.execution.trainer import INVALID_CHECKPOINTS_KEY, best_checkpoint
+    from tltrain.execution.trainer import best_checkpoint
 
     spec, _run, (c1, c2, c3, c4) = _local_run(tmp_path)
-    meta = json.loads((c4 / "meta.json").read_text())
-    meta[INVALID_CHECKPOINTS_KEY] = [str(c3)]
-    (c4 / "meta.json").write_text(json.dumps(meta))
+    meta = CheckpointMeta.from_json((c4 / "meta.json").read_text())
+    meta.invalid_checkpoints = [str(c3)]
+    (c4 / "meta.json").write_text(meta.to_json())
     ckpt = {d: ray.train.Checkpoint(path=str(d)) for d in (c1, c2, c3, c4)}
     result = SimpleNamespace(
         checkpoint=ckpt[c4],
@@ -720,11 +722,11 @@ def test_checkpoint_upload_puts_the_manifest_last(
 ) -> None:
     import torch
 
-    ckpt = save_checkpoint(tmp_path / "c", {"w": torch.ones(3)}, {"optimizer": {}}, {"epoch": 1})
+    ckpt = save_checkpoint(tmp_path / "c", {"w": torch.ones(3)}, {"optimizer": {}}, CheckpointMeta(epoch=1))
     order: list[str] = []
-    real_upload = storage._upload
+    real_upload = store._upload
     monkeypatch.setattr(
-        storage,
+        store,
         "_upload",
         lambda client, src, bucket, key: (real_upload(client, src, bucket, key), order.append(Path(key).name)),
     )
@@ -739,7 +741,7 @@ def test_upload_retries_through_an_outage_and_gives_up_on_refusals(
     import torch
     from botocore.exceptions import ClientError
 
-    ckpt = save_checkpoint(tmp_path / "c", {"w": torch.ones(3)}, None, {"epoch": 1})
+    ckpt = save_checkpoint(tmp_path / "c", {"w": torch.ones(3)}, None, CheckpointMeta(epoch=1))
     with FlakyProxy(int(s3_server.rsplit(":", 1)[1])) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         # Down for 4 s: the upload waits it out (logging each retry) and completes.

@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from tltrain.commands.prepare import add_commands
 from tltrain.data.decode import load_rgb
 from tltrain.data.device import INDEX_FILE, LIGHT_RATIO, build_shard_loaders, read_index, sample_crop_boxes
 from tltrain.data.folder import DataError
 from tltrain.data.loaders import build_eval_loader, build_train_loader, build_transform
 from tltrain.execution.preflight import build_plan
-from tltrain.execution.prepare import add_commands, prepare
+from tltrain.execution.prepare import prepare
 from tltrain.spec.load import parse_spec
 from tltrain.spec.schema import JobSpec, SpecError
 

@@ -59,7 +59,6 @@ def _run(model: torch.nn.Module, batches: list, grad_accum: int) -> dict[str, to
         device=torch.device("cpu"),
         num_classes=4,
         report=lambda m, c: None,
-        meta={},
     )
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -112,6 +111,7 @@ def test_two_ddp_workers_match_one_worker_with_the_global_batch(tmp_path, grad_a
 
 
 def test_resuming_a_run_that_early_stopping_ended_trains_no_further() -> None:
+    from tltrain.core.checkpoint import CheckpointMeta
     from tltrain.core.loop import LoopState, Resume
 
     model = _model()
@@ -136,8 +136,7 @@ def test_resuming_a_run_that_early_stopping_ended_trains_no_further() -> None:
         device=torch.device("cpu"),
         num_classes=4,
         report=lambda m, c: reports.append(m),
-        meta={},
-        resume=Resume(train_state=None, meta={"loop_state": ended.__dict__}),
+        resume=Resume(train_state=None, meta=CheckpointMeta(loop_state=ended)),
     )
     assert reports == [] and state.epoch == 2
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "a stopped run was trained further"
@@ -162,7 +161,6 @@ def test_a_diverging_run_stops_instead_of_failing() -> None:
         device=torch.device("cpu"),
         num_classes=4,
         report=lambda m, c: reports.append(m),
-        meta={},
     )
     assert len(reports) < 4 and reports[-1]["diverged"] and reports[-1]["stopped_early"], reports
     assert state.best_metric is None or math.isfinite(state.best_metric)

@@ -56,7 +56,6 @@ def test_freeze_depth_keeps_exactly_the_first_groups_bit_identical(depth: int) -
         device=torch.device("cpu"),
         num_classes=4,
         report=lambda m, c: None,
-        meta={},
     )
     after = model.state_dict()
     params = dict(model.named_parameters())

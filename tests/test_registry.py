@@ -8,6 +8,7 @@ and a downstream process without tltrain that loads the model and classifies hel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -51,7 +52,7 @@ def train_checkpoint(
     import timm
     import torch
 
-    from tltrain.core.checkpoint import save_checkpoint
+    from tltrain.core.checkpoint import CheckpointMeta, save_checkpoint
     from tltrain.data.decode import load_rgb
     from tltrain.data.loaders import build_transform, resolve_data_config
 
@@ -100,7 +101,7 @@ def train_checkpoint(
         "confusion_matrix": confusion,
         "tltrain_version": "0.1.0",
     }
-    save_checkpoint(out_dir, model.state_dict(), {"optimizer": opt.state_dict()}, meta)
+    save_checkpoint(out_dir, model.state_dict(), {"optimizer": opt.state_dict()}, CheckpointMeta.from_dict(meta))
     return out_dir, acc
 
 
@@ -352,7 +353,7 @@ def flow(mlflow_server: dict[str, Any], trained: tuple[Path, float], fashion_fol
         from tltrain.core.checkpoint import load_meta, load_model_state, save_checkpoint
 
         local2 = save_checkpoint(
-            work / "checkpoint_000006", load_model_state(ckpt), None, {**load_meta(ckpt), "epoch": 6}
+            work / "checkpoint_000006", load_model_state(ckpt), None, dataclasses.replace(load_meta(ckpt), epoch=6)
         )
         ckpt2_uri = f"{bucket}/ckpts/fashion-tiny/checkpoint_000006"
         storage.upload_tree(str(local2), ckpt2_uri)

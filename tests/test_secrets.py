@@ -22,6 +22,7 @@ from tltrain.core.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
     CheckpointError,
+    CheckpointMeta,
     load_model_state,
     load_train_state,
     save_checkpoint,
@@ -69,7 +70,7 @@ def test_model_weights_with_a_pickled_object_are_refused(tmp_path: Path) -> None
 
 def test_checkpoint_train_state_with_a_pickled_object_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-    ckpt = save_checkpoint(tmp_path / "ckpt", {"w": torch.ones(2)}, {"optimizer": {}}, {"epoch": 1})
+    ckpt = save_checkpoint(tmp_path / "ckpt", {"w": torch.ones(2)}, {"optimizer": {}}, CheckpointMeta(epoch=1))
     payload = tmp_path / "payload.pt"
     torch.save({"optimizer": _WritesAFile(marker)}, payload)
     _tamper_and_reseal(ckpt, STATE_FILE, payload.read_bytes())
@@ -81,7 +82,7 @@ def test_checkpoint_train_state_with_a_pickled_object_is_refused(tmp_path: Path)
 
 def test_checkpoint_weights_must_be_safetensors(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-    ckpt = save_checkpoint(tmp_path / "ckpt", {"w": torch.ones(2)}, None, {"epoch": 1})
+    ckpt = save_checkpoint(tmp_path / "ckpt", {"w": torch.ones(2)}, None, CheckpointMeta(epoch=1))
     payload = tmp_path / "payload.pt"
     torch.save({"w": _WritesAFile(marker)}, payload)  # a pickle where safetensors belongs
     _tamper_and_reseal(ckpt, MODEL_FILE, payload.read_bytes())

@@ -8,6 +8,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from tltrain import storage
+from tltrain.core.checkpoint import sha256_file
 
 
 def _make_tree(root: Path) -> dict[str, bytes]:
@@ -50,7 +51,7 @@ def test_s3_single_file_and_sha256(s3_bucket: str, tmp_path: Path) -> None:
     src.write_bytes(b"weights" * 1000)
     storage.upload_file(str(src), f"{s3_bucket}/models/w.pth")
     storage.download_file(f"{s3_bucket}/models/w.pth", str(tmp_path / "back" / "w.pth"))
-    assert storage.sha256_file(str(tmp_path / "back" / "w.pth")) == storage.sha256_file(str(src))
+    assert sha256_file(str(tmp_path / "back" / "w.pth")) == sha256_file(str(src))
     assert not list((tmp_path / "back").glob(".*.part"))  # no temp files left behind
 
 

@@ -25,6 +25,7 @@ import yaml
 
 from tltrain.cli import build_parser
 from tltrain.commands import jobs as cli_jobs
+from tltrain.commands import submit as submit_cmd
 from tltrain.execution import jobs as submit
 from tltrain.spec.load import load_spec
 
@@ -234,7 +235,7 @@ def test_commands_are_registered_on_the_cli() -> None:
     parser = build_parser()
     args = parser.parse_args(["submit", "s.yaml", "--tune", "--follow", "--set", "a.b=1", "--address", "http://h:8265"])
     assert (args.func, args.tune, args.follow, args.set, args.address) == (
-        submit.cmd_submit,
+        submit_cmd.cmd_submit,
         True,
         True,
         ["a.b=1"],

@@ -37,7 +37,7 @@ def make_spec(tmp_path: Path, **tracking_fields: Any) -> JobSpec:
 def write_checkpoint(directory: Path) -> Path:
     import torch
 
-    from tltrain.core.checkpoint import save_checkpoint
+    from tltrain.core.checkpoint import CheckpointMeta, save_checkpoint
 
     meta = {
         "epoch": 3,
@@ -51,7 +51,7 @@ def write_checkpoint(directory: Path) -> Path:
         "source_weights_sha256": "ab" * 32,
         "tltrain_version": "0.1.0",
     }
-    return save_checkpoint(directory, {"w": torch.zeros(2)}, None, meta)
+    return save_checkpoint(directory, {"w": torch.zeros(2)}, None, CheckpointMeta.from_dict(meta))
 
 
 def test_disabled_tracking_gives_a_null_tracker(tmp_path: Path) -> None:

@@ -63,8 +63,8 @@ def test_two_worker_run_learns_checkpoints_to_s3_and_resumes_by_name(
     storage.download_tree(summary["best_checkpoint"], str(local))
     verify_checkpoint(local)
     meta = load_meta(local)
-    assert meta["class_names"][0] == "ankle-boot" and len(meta["class_names"]) == 10
-    assert meta["metrics"]["val/acc"] == pytest.approx(summary["best_metric"])
+    assert meta.class_names[0] == "ankle-boot" and len(meta.class_names) == 10
+    assert meta.metrics["val/acc"] == pytest.approx(summary["best_metric"])
 
     # Same name again with 4 epochs: continues from epoch 3, trains only epoch 4.
     second = _tltrain("train", str(spec_path), "--json", cwd=tmp_path)

@@ -290,7 +290,7 @@ def _evaluate_checkpoint(checkpoint_uri: str, tmp: Path) -> tuple[float, dict[st
     storage.download_tree(checkpoint_uri, str(local))
     verify_checkpoint(local)
     meta = load_meta(local)
-    spec = JobSpec.model_validate(meta["spec"])
+    spec = JobSpec.model_validate(meta.spec)
     plan = build_plan(spec)
     model = build_model(spec.model.model_copy(update={"weights": None}), len(plan.class_names))
     model.load_state_dict(load_model_state(local))
@@ -343,10 +343,10 @@ def test_sweep_asha_best_checkpoint_and_tracking(
     assert best_uri.startswith(f"{s3_bucket}/sweeps/sweep/runs/sweep-{summary['best_trial_id']}/checkpoint_")
     acc, meta = _evaluate_checkpoint(best_uri, tmp_path)
     assert acc == pytest.approx(summary["best_metric"], abs=1e-9)
-    assert meta["metrics"]["val/acc"] == pytest.approx(summary["best_metric"], abs=1e-9)
+    assert meta.metrics["val/acc"] == pytest.approx(summary["best_metric"], abs=1e-9)
     for key, value in summary["best_config"].items():
         section, field = key.split(".")
-        assert meta["spec"][section][field] == pytest.approx(value)
+        assert meta.spec[section][field] == pytest.approx(value)
 
     # MLflow: a parent run for the sweep and one finished child per trial with per-epoch metrics.
     client = MlflowClient(tracking_uri=db)
@@ -576,7 +576,7 @@ def test_summary_orders_best_first_and_marks_the_cost_front(fashion_folders: tup
             "cost_worker_s": cost, "gpu_hours": 0.0, "history": [],
         }  # fmt: skip
 
-    summary = summarize(spec, [rec("a", 0.5, 10.0), rec("b", 0.7, 40.0), rec("c", 0.6, 5.0, "asha"),
+    summary = summarize(spec, "s3://b/sweeps/x", [rec("a", 0.5, 10.0), rec("b", 0.7, 40.0), rec("c", 0.6, 5.0, "asha"),
                                rec("d", 0.4, 20.0), rec("e", None, 1.0)])  # fmt: skip
     assert [t["trial_id"] for t in summary["trials"]] == ["b", "c", "a", "d", "e"]
     assert summary["best_metric"] == 0.7 and summary["best_checkpoint"] == "/ckpt/b" and summary["best_trial_id"] == "b"
@@ -596,6 +596,6 @@ def test_summary_orders_best_first_and_marks_the_cost_front(fashion_folders: tup
     assert [line.split()[0] for line in lines[1:6]] == ["b", "c", "a", "d", "e"]
     on_gpu = [{**rec("a", 0.5, 7200.0), "gpu_hours": 2.0}, rec("b", 0.7, 40.0)]
     table = io.StringIO()
-    print_table(summarize(spec, on_gpu), ["optim.lr"], table)
+    print_table(summarize(spec, "s3://b/sweeps/x", on_gpu), ["optim.lr"], table)
     header, first = table.getvalue().splitlines()[:2]
     assert "GPU-h" in header.split() and first.split()[0] == "b" and "2.000 GPU-hours" in table.getvalue()

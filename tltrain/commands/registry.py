@@ -1,7 +1,7 @@
 """`tltrain register`, `tltrain registry list|show|promote|pull` and `tltrain predict`.
 
 Thin: parse arguments, call tltrain.registry, print. cli.py wires these in with
-`add_commands(subparsers)`; `python -m tltrain.cli_registry ...` runs them standalone.
+`add_commands(subparsers)`; `python -m tltrain.commands.registry ...` runs them standalone.
 Every command takes --tracking-uri (default: MLFLOW_TRACKING_URI, else ~/.tltrain/mlflow.db) and
 --json (one JSON object as the last line of stdout, for scripts).
 """
@@ -30,7 +30,7 @@ def _emit(args: argparse.Namespace, obj: Any, text: str) -> None:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    from tltrain.tracking.tracker import registry
+    from tltrain.tracking import registry
 
     info = registry.register_checkpoint(
         args.checkpoint,
@@ -47,7 +47,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from tltrain.tracking.tracker import registry
+    from tltrain.tracking import registry
 
     models = registry.list_models(tracking_uri=args.tracking_uri)
     lines = [f"{'NAME':30} {'LATEST':>6} {'VERSIONS':>8}  ALIASES"]
@@ -94,7 +94,7 @@ def _format_show(d: dict[str, Any]) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from tltrain.tracking.tracker import registry
+    from tltrain.tracking import registry
 
     d = registry.show(args.ref, tracking_uri=args.tracking_uri)
     _emit(args, d, _format_show(d))
@@ -102,7 +102,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from tltrain.tracking.tracker import registry
+    from tltrain.tracking import registry
 
     name, version = args.name, args.version
     if version is None:  # NAME/VERSION or NAME@ALIAS in one argument
@@ -117,7 +117,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from tltrain.tracking.tracker import registry
+    from tltrain.tracking import registry
 
     dest = registry.pull(args.ref, args.to_dir, tracking_uri=args.tracking_uri)
     _emit(args, {"ref": args.ref, "dir": str(dest)}, f"checkpoint of {args.ref} verified in {dest}")
@@ -125,7 +125,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tltrain.tracking.tracker import registry
+    from tltrain.tracking import registry
 
     out = registry.predict(args.model, list(args.images), tracking_uri=args.tracking_uri)
     rows = [

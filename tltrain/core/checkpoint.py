@@ -54,10 +54,11 @@ class CheckpointMeta:
     and read typed by resume, registry, sweeps and tracking (docs/ARCHITECTURE.md lists the fields;
     tests/test_layout.py checks the list against this class)."""
 
-    spec: dict[str, Any]  # the resolved JobSpec (JobSpec.to_dict())
-    class_names: list[str]  # index = label
-    model_name: str  # timm name or torchvision:<name>
-    data_config: dict[str, Any]  # eval preprocessing: input_size, mean, std, crop_pct, interpolation
+    # Defaults everywhere so that a meta.json of any version loads; the worker fills every field.
+    spec: dict[str, Any] = field(default_factory=dict)  # the resolved JobSpec (JobSpec.to_dict())
+    class_names: list[str] = field(default_factory=list)  # index = label
+    model_name: str = ""  # timm name or torchvision:<name>
+    data_config: dict[str, Any] = field(default_factory=dict)  # eval preprocessing: input_size, mean, std, ...
     source_weights_uri: str | None = None  # model.weights the run started from
     source_weights_sha256: str | None = None
     dataset_fingerprint: dict[str, Any] | None = None  # class_names, num_files, sha256 (data.plan_dataset)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -108,7 +108,8 @@ def train(
             # run at its last epoch) instead of training one more epoch past the patience limit.
             return state
 
-    compiled = torch.compile(model) if lp.compile else model
+    # torch.compile of a Module returns an OptimizedModule (a Module); its hint says only Callable.
+    compiled = cast(nn.Module, torch.compile(model)) if lp.compile else model
     trainer = Trainer(model, compiled, optimizer, scheduler, scaler, device, lp, channels_last)
     # Wall time between reports: training, evaluation, checkpoint save and the previous report's
     # upload (the cost of holding the workers; epoch_time_s is the training steps alone).
@@ -121,7 +122,7 @@ def train(
             apply_freeze(model, groups, depth)
             trainer.ddp_model = wrap_ddp(compiled, device, world_size)
             current_depth = depth
-        sampler = getattr(train_loader, "sampler", None)
+        sampler: Any = getattr(train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)  # a new, seeded shuffle each epoch, the same on every rank
 

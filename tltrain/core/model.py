@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import timm
 import torch
@@ -62,8 +64,9 @@ def _replace_torchvision_head(model: nn.Module, num_classes: int, drop_rate: flo
             return
         if isinstance(parent, nn.Sequential):
             for i in range(len(parent) - 1, -1, -1):
-                if isinstance(parent[i], nn.Linear):
-                    parent[i] = nn.Linear(parent[i].in_features, num_classes)
+                layer = parent[i]
+                if isinstance(layer, nn.Linear):
+                    parent[i] = nn.Linear(layer.in_features, num_classes)
                     return
     raise ModelError("model.name: cannot find the classification head of this torchvision model")
 
@@ -71,7 +74,7 @@ def _replace_torchvision_head(model: nn.Module, num_classes: int, drop_rate: flo
 def head_param_names(model: nn.Module) -> set[str]:
     """Names of the classifier parameters, which are re-initialised for the new classes."""
     if hasattr(model, "get_classifier"):
-        head = model.get_classifier()
+        head = cast(Callable[[], nn.Module], model.get_classifier)()  # timm models only
         ids = {id(p) for p in head.parameters()}
         return {n for n, p in model.named_parameters() if id(p) in ids}
     for attr in ("fc", "classifier", "heads", "head"):
@@ -171,7 +174,7 @@ def _timm_groups(model: nn.Module, coarse: bool) -> list[list[str]] | None:
     from timm.models import group_parameters
 
     try:
-        grouped = group_parameters(model, model.group_matcher(coarse=coarse))
+        grouped = group_parameters(model, cast(Callable[..., Any], model.group_matcher)(coarse=coarse))
     except NotImplementedError:
         return None
     return [list(names) for _, names in sorted(grouped.items())]

@@ -10,6 +10,8 @@ group's initial LR (= base LR x lr_scale), so the scale survives every scheduler
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from typing import cast
 
 import torch
 from torch import nn
@@ -64,7 +66,9 @@ def layer_lr_scales(groups: list[LayerGroup], strategy: StrategySpec) -> list[fl
 
 def _no_weight_decay(name: str, param: nn.Parameter, model: nn.Module) -> bool:
     # Norm weights, biases, and tokens/embeddings the model itself lists (timm's no_weight_decay).
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    skip = (
+        set(cast(Callable[[], Iterable[str]], model.no_weight_decay)()) if hasattr(model, "no_weight_decay") else set()
+    )
     return param.ndim <= 1 or name.endswith(".bias") or name in skip
 
 
@@ -75,7 +79,8 @@ def build_param_groups(
     scales = layer_lr_scales(groups, strategy)
     param_groups: list[dict] = []
     for index, (group, scale) in enumerate(zip(groups, scales)):
-        decay, no_decay = [], []
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for name in group.param_names:
             (no_decay if _no_weight_decay(name, params[name], model) else decay).append(params[name])
         for plist, wd in ((decay, optim.weight_decay), (no_decay, 0.0)):

@@ -12,7 +12,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -119,7 +119,7 @@ class Trainer:
                     images = images.contiguous(memory_format=torch.channels_last)
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 sync = i == len(micro) - 1 or not isinstance(self.ddp_model, DDP)
-                with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
+                with contextlib.nullcontext() if sync else cast(DDP, self.ddp_model).no_sync():
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                         logits = self.ddp_model(images)
                         loss = nn.functional.cross_entropy(logits, labels, label_smoothing=lp.label_smoothing)

@@ -47,5 +47,5 @@ def load_rgb(path: str) -> Image.Image:
     """Decode an image file to RGB, honouring EXIF orientation (phone photos are stored rotated)."""
     with Image.open(path) as im:
         im.load()
-        im = ImageOps.exif_transpose(im) or im
-        return to_rgb(im)
+        upright = ImageOps.exif_transpose(im) or im
+        return to_rgb(upright)

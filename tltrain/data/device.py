@@ -1,7 +1,7 @@
 """Data paths that keep a GPU fed: the CPU only moves bytes, the worker's device crops and normalizes.
 
 This module owns the pieces both device paths share (the device-side augmentation, `DeviceLoader`,
-the samplers) and the shard path, built here for `ray_train.worker_fn`:
+the samplers) and the shard path, built here for `execution.worker.worker_fn`:
 
 - `data.format: shards` reads the uint8 arrays written once by `tltrain prepare` (each image decoded,
   its shorter side resized to floor(image_size / crop_pct) exactly as the CPU eval transform does,
@@ -9,7 +9,7 @@ the samplers) and the shard path, built here for `ray_train.worker_fn`:
   device a random-resized-crop (one `roi_align` over the batch), flip and normalize produce images
   in the autocast dtype, channels_last. Evaluation takes the centre crop, which is pixel for pixel
   the CPU eval transform.
-- `data.decode: nvjpeg` (nvjpeg_data.py) keeps the ImageFolder and decodes JPEGs on the GPU, then
+- `data.decode: nvjpeg` (nvjpeg.py) keeps the ImageFolder and decodes JPEGs on the GPU, then
   crops/resizes per image with `DeviceAugment.images`.
 
 Both yield `(images, labels)` already on the device, copied and augmented one batch ahead on a side
@@ -297,7 +297,14 @@ def train_sampler(n: int, batch: int, rank: int, world_size: int, seed: int) -> 
             f"scaling.batch_size_per_worker={batch}, so no full batch exists: lower the batch size or add images"
         )
     # The CPU path's sampler (same seed, same set_epoch), so both paths see the same order.
-    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        range(n),  # type: ignore[arg-type]  # torch: only len() is used; any sized sequence works
+        num_replicas=world_size,
+        rank=rank,
+        shuffle=True,
+        seed=seed,
+        drop_last=True,
+    )
     return sampler, BatchSampler(sampler, batch, drop_last=True)
 
 

@@ -36,11 +36,12 @@ def build_transform(
     """timm transform: eval = resize + centre crop by crop_pct; light = random-resized-crop
     (scale 0.5-1, gentler than ImageNet's 0.08 for small fine-tuning sets) + hflip; randaugment
     = timm's rand-m9-mstd0.5 with the ImageNet crop."""
-    cfg = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()}
+    cfg: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()}
     if not train or augment == "none":
         return create_transform(**cfg, is_training=False)
     if augment == "light":
-        return create_transform(**cfg, is_training=True, scale=(0.5, 1.0), hflip=0.5, color_jitter=None)
+        # timm handles color_jitter=None (no jitter), but its type hint leaves None out.
+        return create_transform(**cfg, is_training=True, scale=(0.5, 1.0), hflip=0.5, color_jitter=None)  # type: ignore[arg-type]
     if augment == "randaugment":
         return create_transform(**cfg, is_training=True, auto_augment="rand-m9-mstd0.5")
     raise ValueError(f"data.augment: unknown value {augment!r}; use none, light or randaugment")
@@ -112,7 +113,9 @@ def build_train_loader(
     dataset = ImageListDataset(samples, transform)
     # A 1-replica DistributedSampler is a seeded shuffler with set_epoch, so both cases share code
     # and a 1-worker run sees the same order as it would on any machine.
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler: DistributedSampler[int] = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
     # Seeds the loader workers' torch/random/numpy (augmentation) differently per rank.
     generator = torch.Generator().manual_seed(seed * 65537 + rank)
     return DataLoader(

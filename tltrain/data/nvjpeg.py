@@ -2,7 +2,7 @@
 
 Loader workers only read file bytes; `torchvision.io.decode_jpeg(device="cuda")` decodes a batch at
 once, then `DeviceAugment.images` crops/resizes/normalizes each image there. Non-JPEG files and
-EXIF-rotated photos decode on the CPU worker as before. It is apart from gpu_data.py (which owns
+EXIF-rotated photos decode on the CPU worker as before. It is apart from device.py (which owns
 what both device paths share: DeviceAugment, DeviceLoader, the samplers, plus the shard path)
 because it is the only path with a raw-bytes dataset, its own collate and decode fallbacks, and
 neither `tltrain prepare` nor the shard path needs any of it.

@@ -1,7 +1,7 @@
 """Synthetic JPEG ImageFolders: photo-sized images whose decode costs what a real photo's does.
 
 The GPU benchmark needs a data set large enough to keep a loader busy for thousands of steps, on a
-machine that cannot download one; `python -m tltrain.synthetic_images make-jpegs OUT_DIR` writes it
+machine that cannot download one; `python -m tltrain.data.synthetic make-jpegs OUT_DIR` writes it
 there. It is separate from bench.py because it runs before any benchmark (on its own, with PIL and
 numpy only) and because tests build small image folders with it too.
 """
@@ -55,7 +55,7 @@ def make_synthetic_jpeg_folder(
         label = i % classes
         folder = root / f"class_{label:03d}"
         folder.mkdir(parents=True, exist_ok=True)
-        jobs.append((str(folder / f"img_{i:06d}.jpg"), i, label, classes, tuple(size), seed))
+        jobs.append((str(folder / f"img_{i:06d}.jpg"), i, label, classes, (size[0], size[1]), seed))
     workers = min(os.cpu_count() or 1, 16) if workers is None else workers
     if workers <= 1:
         for job in jobs:
@@ -68,7 +68,7 @@ def make_synthetic_jpeg_folder(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tltrain.synthetic_images", description="synthetic images for benchmarks"
+        prog="python -m tltrain.data.synthetic", description="synthetic images for benchmarks"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("make-jpegs", help="write an ImageFolder of synthetic ~500x375 JPEGs")

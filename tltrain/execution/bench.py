@@ -6,14 +6,14 @@ Three rates on the spec's model, precision, batch size and freeze depth, in one 
               Ray task so it runs where a GPU is, without Ray Train;
   2. ray    - tltrain's own `loop.train` inside a 1-worker Ray Train TorchTrainer, fed the same kind
               of synthetic on-device batches;
-  3. e2e    - `ray_train.worker_fn` (what `tltrain train` runs) on the spec's real data path
+  3. e2e    - `execution.worker.worker_fn` (what `tltrain train` runs) on the spec's real data path
               (data.format / data.decode), loop.max_steps_per_epoch = steps.
 Stages 2 and 3 run two epochs of `steps` steps and report the second (the first pays for
 compilation, cuDNN autotuning and loader start-up). Also: MFU from FLOPs counted on one fwd+bwd step,
 peak memory, the data-wait fraction, and with freeze_depth > 0 the bare rate of a full fine-tune
 (frozen groups must show up as speed: they run no backward).
-The FLOP counting and peak table are in flops.py, the readable report in bench_report.py, and the
-synthetic JPEG folder for the GPU run in synthetic_images.py.
+The FLOP counting and peak table are in core/flops.py, the readable report in reports/bench.py, and the
+synthetic JPEG folder for the GPU run in data/synthetic.py.
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def bare_step_rate(spec: JobSpec, num_classes: int, image_size: int, depth: int,
         model = model.to(memory_format=torch.channels_last)
     flops = train_flops_per_image(model, image_size, device, dtype, channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=spec.optim.lr, **({"fused": True} if cuda else {}))
+    fused: dict[str, Any] = {"fused": True} if cuda else {}
+    opt = torch.optim.AdamW(params, lr=spec.optim.lr, **fused)
     scaler = torch.amp.GradScaler(device.type, enabled=lp.precision == "fp16")
     step_model = torch.compile(model) if lp.compile else model
     batch, accum = spec.scaling.batch_size_per_worker, lp.grad_accum
@@ -179,6 +180,7 @@ def _synthetic_worker(config: dict[str, Any]) -> None:
     model.to(device)
     channels_last = spec.loop.channels_last and device.type == "cuda"
     batch, accum, steps = spec.scaling.batch_size_per_worker, spec.loop.grad_accum, spec.loop.max_steps_per_epoch
+    assert steps is not None  # _bench_spec sets loop.max_steps_per_epoch
     train_loader = SyntheticLoader(batch, image_size, num_classes, steps * accum, device, channels_last)
     val_loader = SyntheticLoader(batch, image_size, num_classes, 1, device, channels_last)
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -51,7 +51,7 @@ def eval_resize(data_config: dict[str, Any]) -> Callable[[Any], Any]:
     from tltrain.data.folder import DataError
     from tltrain.data.loaders import build_transform
 
-    steps = build_transform(data_config, False).transforms
+    steps = cast(T.Compose, build_transform(data_config, False)).transforms  # timm returns a Compose
     if not (isinstance(steps[0], T.Resize) and isinstance(steps[1], T.CenterCrop)):
         raise DataError(
             f"data.format shards supports the centre-crop and squash eval transforms; this model's is {steps[:2]} "
@@ -145,7 +145,7 @@ def _write_split(
     size = stored_size(data_config)
     per_shard = max(1, shard_bytes // (size * size * 3))
     paths = [p for p, _ in samples]
-    shards = []
+    shards: list[dict[str, Any]] = []
     for k, start in enumerate(range(0, len(paths), per_shard)):
         count = min(per_shard, len(paths) - start)
         fname = f"{name}-{k:05d}.npy"
@@ -174,6 +174,7 @@ def _write_split(
                 current.flush()
                 del current
             current = np.load(out_dir / shards[shard]["file"], mmap_mode="r+")
+        assert current is not None  # row 0 of every shard comes first and opens it
         current[row] = arr
         if (i + 1) % 5000 == 0:
             log(f"  {name}: {i + 1}/{len(paths)} images ({(i + 1) / (time.perf_counter() - t0):.0f} img/s)")

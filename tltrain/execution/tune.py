@@ -3,7 +3,7 @@
 Each trial is a whole Ray Train run (the spec's workers) started from a Tune trial function that
 itself reserves no CPU, so the trainer's workers can be placed; trials run side by side as far as
 the cluster's CPUs/GPUs allow (or tune.max_concurrent_trials). Where a sweep lives in storage and how
-a trial's record is built: sweep_store.py; the table, summary and MLflow runs: sweep_report.py.
+a trial's record is built: sweep_store.py; the MLflow runs: sweep_tracking.py; the table and summary: reports/sweep.py.
 
 Resume: Tune's own experiment state (trials, searcher, scheduler) is synced to storage about every
 10 s; a trial that finished after the last sync would be re-run from it, so the driver writes a
@@ -403,7 +403,7 @@ def run_tune(spec: JobSpec, resume: bool = False, out: TextIO = sys.stdout) -> d
         # Trials that ended before a killed driver wrote their record, or whose record failed,
         # get it now; the others come from this driver's or an earlier one's records.
         records = [reporter.checked(reporter.finish(t.trial_id, t.config, t.error)) for t in reporter.trials]
-        summary = summarize(spec, records, paths.uri)
+        summary = summarize(spec, paths.uri, records)
         best = next((r for r in records if r["trial_id"] == summary["best_trial_id"]), None)
         track_sweep(parent, summary, best)
         summary["mlflow_run_id"] = parent.run_id

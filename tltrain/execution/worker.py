@@ -10,7 +10,7 @@ import importlib.util
 import logging
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from tltrain.spec.schema import JobSpec
 log = logging.getLogger(__name__)
 
 
-def _rebase(samples: list[list[Any]], driver_root: str, local_root: str) -> list[tuple[str, int]]:
+def _rebase(samples: Sequence[Sequence[Any]], driver_root: str, local_root: str) -> list[tuple[str, int]]:
     """The driver's absolute paths, moved under this node's copy of the same dataset root."""
     if driver_root == local_root:
         return [(p, int(y)) for p, y in samples]

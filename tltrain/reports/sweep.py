@@ -106,7 +106,7 @@ def print_table(summary: dict[str, Any], space_keys: list[str], out: TextIO) -> 
         print("best: no trial produced a checkpoint", file=out, flush=True)
 
 
-def summarize(spec: JobSpec, records: list[dict[str, Any]], storage_uri: str) -> dict[str, Any]:
+def summarize(spec: JobSpec, storage_uri: str, records: list[dict[str, Any]]) -> dict[str, Any]:
     """The `--json` object: best first; best_* from the best trial's best existing checkpoint."""
     assert spec.tune is not None
     metric, mode = spec.tune.metric, spec.tune.mode

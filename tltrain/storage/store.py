@@ -269,10 +269,10 @@ def _download_tree(uri: str, local_dir: str) -> int:
     have = _local_files(dst) if dst.is_dir() else {}
     if not is_s3(uri):
         src = _local(uri)
-        todo = [rel for rel, size in _local_files(src).items() if have.get(rel) != size]
-        for rel in todo:
+        copies = [rel for rel, size in _local_files(src).items() if have.get(rel) != size]
+        for rel in copies:
             _atomic_copy(src / rel, dst / rel)
-        return len(todo)
+        return len(copies)
     bucket, prefix = split_s3(uri)
     client = s3_client()
     todo = {rel: size for rel, size in _s3_objects(client, bucket, prefix).items() if have.get(rel) != size}

@@ -56,8 +56,9 @@ def _torchvision_model(name: str, num_classes: int) -> torch.nn.Module:
             return model
         if isinstance(parent, torch.nn.Sequential):
             for i in range(len(parent) - 1, -1, -1):
-                if isinstance(parent[i], torch.nn.Linear):
-                    parent[i] = torch.nn.Linear(parent[i].in_features, num_classes)
+                layer = parent[i]
+                if isinstance(layer, torch.nn.Linear):
+                    parent[i] = torch.nn.Linear(layer.in_features, num_classes)
                     return model
     raise ValueError(f"cannot find the classification head of torchvision model {name!r}")
 
@@ -160,7 +161,7 @@ class ImageClassifier(PythonModel):
         # architecture, and silently random weights would be far worse than an error.
         model.load_state_dict(load_file(context.artifacts["weights"]), strict=True)
         self.model = model.eval().to(self.device)
-        cfg = {
+        cfg: dict[str, Any] = {
             k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["data_config"].items() if k in _TRANSFORM_KEYS
         }
         self.transform = create_transform(**cfg, is_training=False)

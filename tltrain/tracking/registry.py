@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import Model, ModelSignature
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-from mlflow.types.schema import ColSpec, Schema
+from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
 from tltrain import storage
 from tltrain.core.checkpoint import (
@@ -83,7 +83,7 @@ def _requirements(model_name: str) -> list[str]:
 def _signature(class_names: list[str]) -> ModelSignature:
     # No input schema: inputs mix paths, bytes and arrays of any shape, and MLflow enforces a schema
     # by converting the input to one numpy array first (which fails for arrays of unequal shape).
-    outputs = [ColSpec("string", "label"), ColSpec("double", "probability")]
+    outputs: list[ColSpec | TensorSpec] = [ColSpec("string", "label"), ColSpec("double", "probability")]
     outputs += [ColSpec("double", f"prob_{name}") for name in class_names]
     return ModelSignature(inputs=None, outputs=Schema(outputs))
 
@@ -146,7 +146,7 @@ def register_checkpoint(
 
         version_tags: dict[str, Any] = lineage_tags(meta)
         own_run = run_id is None
-        if own_run:
+        if run_id is None:
             exp_name = experiment or (meta.spec.get("tracking") or {}).get("experiment") or DEFAULT_EXPERIMENT
             exp_id = get_or_create_experiment(client, exp_name, uri)
             run_id = client.create_run(exp_id, run_name=f"register-{registry_name}", tags=version_tags).info.run_id
