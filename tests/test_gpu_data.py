@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from tltrain import storage
 from tltrain.commands.prepare import add_commands
 from tltrain.data.decode import load_rgb
 from tltrain.data.device import INDEX_FILE, LIGHT_RATIO, build_shard_loaders, read_index, sample_crop_boxes
@@ -237,7 +238,9 @@ def test_prepare_to_object_storage_and_read_back(
     summary = prepare(spec, uri, workers=0, log=lambda m: None)
     assert summary["images"] == 400
     plan = build_plan(spec)
-    _, val_loader = build_shard_loaders(spec, plan, 0, 1, torch.device("cpu"))
+    # The worker reads s3:// shards through its node's local copy (data/ never talks to storage).
+    root = storage.localize(uri, spec.data.cache_dir)
+    _, val_loader = build_shard_loaders(spec, plan, 0, 1, torch.device("cpu"), root=root)
     assert torch.cat([y for _, y in val_loader]).tolist() == [y for _, y in plan.val]
 
 
