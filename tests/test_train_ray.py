@@ -4,6 +4,7 @@ real S3 server on 127.0.0.1, and resuming by name."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,23 @@ def test_two_worker_run_learns_checkpoints_to_s3_and_resumes_by_name(
     # keep=2: top-2 by val/acc plus the latest survive.
     manifests = [k for k in storage.list_files(f"{s3_bucket}/runs/tiny-ray") if k.endswith("MANIFEST.json")]
     assert 2 <= len(manifests) <= 3
+
+
+def test_three_workers_with_two_val_images_finish(tmp_path: Path, fashion_folders: tuple[str, str]) -> None:
+    """A rank with no val image must not hang the others (BatchNorm model: a DDP forward in eval
+    is a collective that rank would never join)."""
+    train_dir, val_dir = (Path(p) for p in fashion_folders)
+    classes = sorted(p.name for p in train_dir.iterdir())[:2]
+    for name in classes:
+        shutil.copytree(train_dir / name, tmp_path / "train" / name)
+        (tmp_path / "val" / name).mkdir(parents=True)
+        first = sorted((val_dir / name).iterdir())[0]
+        shutil.copy(first, tmp_path / "val" / name / first.name)
+    spec_path = _write_spec(tmp_path, str(tmp_path / "train"), str(tmp_path / "val"), str(tmp_path / "s"), epochs=1)
+    res = _tltrain(
+        "train", str(spec_path), "--set", "scaling.num_workers=3", "--set", "scaling.cpus_per_worker=0.5",
+        "--set", "name=three-workers", "--json", cwd=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["epochs_completed"] == 1 and summary["best_metric"] in (0.0, 0.5, 1.0)  # 2 val images

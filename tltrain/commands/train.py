@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from tltrain.commands._args import add_spec_args
@@ -17,6 +18,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from tltrain.execution.preflight import build_plan
+    from tltrain.reports.progress import describe_groups
 
     spec = load_spec(args.spec, args.set)
     plan = build_plan(spec)
@@ -24,6 +26,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"ok: {spec.name}: {len(plan.class_names)} classes, {len(plan.train)} train / {len(plan.val)} val images, "
         f"{plan.num_layer_groups} layer groups: {', '.join(plan.layer_group_names)}"
     )
+    describe_groups(spec, plan, sys.stdout)
     return 0
 
 

@@ -26,6 +26,8 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 MANIFEST_FILE = "MANIFEST.json"
+# Ray Train names a run's checkpoint folders checkpoint_<YYYY-mm-dd_HH-MM-SS.ffffff>: name order is time order.
+CHECKPOINT_PREFIX = "checkpoint_"
 
 
 def sha256_file(path: str | Path) -> str:

@@ -31,9 +31,11 @@ from tltrain.core.steps import (
     apply_stop_rule,
     distributed,
     epoch_metrics,
+    epoch_seed,
     evaluate,
     save_and_report,
     set_backend_flags,
+    sync_buffers,
     wrap_ddp,
 )
 from tltrain.spec.bounds import check_spec_batch
@@ -56,6 +58,13 @@ def _steps_per_epoch(spec: JobSpec, train_loader: Any) -> int:
     check_spec_batch(len(train_loader) * spec.scaling.batch_size_per_worker * world_size, spec)
     steps = len(train_loader) // spec.loop.grad_accum
     return min(steps, spec.loop.max_steps_per_epoch or steps)
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    # DeviceLoader has its own set_epoch (shuffle + augmentation); a DataLoader's sampler has one.
+    target = loader if hasattr(loader, "set_epoch") else getattr(loader, "sampler", None)
+    if target is not None and hasattr(target, "set_epoch"):
+        target.set_epoch(epoch)
 
 
 def _default_meta(spec: JobSpec, num_classes: int) -> CheckpointMeta:
@@ -122,15 +131,19 @@ def train(
             apply_freeze(model, groups, depth)
             trainer.ddp_model = wrap_ddp(compiled, device, world_size)
             current_depth = depth
-        sampler: Any = getattr(train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)  # a new, seeded shuffle each epoch, the same on every rank
+        # A new seeded shuffle (the same on every rank) and this epoch's augmentation and model-noise
+        # streams: all functions of (seed, epoch), so resuming at any epoch continues exactly.
+        _set_epoch(train_loader, epoch)
+        torch.manual_seed(epoch_seed(lp.seed, rank, epoch))
 
         trainer.ddp_model.train()
         set_frozen_norms_eval(model)
         sums = trainer.train_epoch(train_loader, steps_per_epoch, state)
         train_metrics = epoch_metrics(sums, device)
-        val = evaluate(trainer.ddp_model, val_loader, device, num_classes, lp.precision, channels_last)
+        # The unwrapped module: a DDP forward in eval is a collective (buffer broadcast) that a rank
+        # with no val images would never join. Rank 0's buffers first, so every rank scores one model.
+        sync_buffers(model)
+        val = evaluate(compiled, val_loader, device, num_classes, lp.precision, channels_last)
         confusion = val.pop("confusion_matrix")
         state.epoch = epoch + 1
 

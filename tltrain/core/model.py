@@ -8,7 +8,9 @@ timm's `group_matcher` when the model has one, else from the model's top-level c
 from __future__ import annotations
 
 import logging
+import math
 import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +20,9 @@ import timm
 import torch
 from torch import nn
 
-from tltrain.spec.schema import ModelSpec
+from tltrain.spec.schema import TORCHVISION_PREFIX, ModelSpec
 
 log = logging.getLogger(__name__)
-
-TORCHVISION_PREFIX = "torchvision:"
 
 
 class ModelError(ValueError):
@@ -35,51 +35,123 @@ class LayerGroup:
     param_names: list[str]
 
 
-def _create(spec: ModelSpec, num_classes: int, pretrained_hub: bool) -> nn.Module:
-    if spec.name.startswith(TORCHVISION_PREFIX):
-        import torchvision
+def _timm_create(spec: ModelSpec, num_classes: int, pretrained_hub: bool, image_size: int | None) -> nn.Module:
+    kwargs: dict[str, Any] = {"pretrained": pretrained_hub, "num_classes": num_classes, "drop_rate": spec.drop_rate}
+    if image_size is None:
+        return timm.create_model(spec.name, **kwargs)
+    try:
+        # ViT-like models fix their patch grid (and position embeddings) at creation; timm resamples
+        # hub weights to it. CNNs take any size and have no img_size argument.
+        return timm.create_model(spec.name, img_size=image_size, **kwargs)
+    except TypeError as err:
+        if "img_size" not in str(err):
+            raise
+        return timm.create_model(spec.name, **kwargs)
 
-        tv_name = spec.name[len(TORCHVISION_PREFIX) :]
-        if tv_name not in torchvision.models.list_models():
-            raise ModelError(f"model.name: torchvision has no model {tv_name!r}")
-        weights = "DEFAULT" if pretrained_hub else None
-        model = torchvision.models.get_model(tv_name, weights=weights)
-        _replace_torchvision_head(model, num_classes, spec.drop_rate)
-        return model
+
+def _torchvision_create(spec: ModelSpec, num_classes: int, pretrained_hub: bool, image_size: int | None) -> nn.Module:
+    import torchvision
+
+    tv_name = spec.name[len(TORCHVISION_PREFIX) :]
+    if tv_name not in torchvision.models.list_models():
+        raise ModelError(f"model.name: torchvision has no model {tv_name!r}")
+    weights = "DEFAULT" if pretrained_hub else None
+    model = torchvision.models.get_model(tv_name, weights=weights)
+    native = getattr(model, "image_size", None)  # torchvision ViTs: the grid their pos_embedding is for
+    if isinstance(native, int) and image_size is not None and image_size != native:
+        resized = torchvision.models.get_model(tv_name, weights=None, image_size=image_size)
+        if pretrained_hub:
+            resized.load_state_dict(fit_to_model(model.state_dict(), resized))
+        model = resized
+    _replace_torchvision_head(model, num_classes, spec.drop_rate)
+    return model
+
+
+def _create(spec: ModelSpec, num_classes: int, pretrained_hub: bool, image_size: int | None = None) -> nn.Module:
+    if spec.name.startswith(TORCHVISION_PREFIX):
+        return _torchvision_create(spec, num_classes, pretrained_hub, image_size)
     if not timm.is_model(spec.name):
         raise ModelError(
             f"model.name: timm has no model {spec.name!r} (see timm.list_models(), or use torchvision:<name>)"
         )
-    return timm.create_model(spec.name, pretrained=pretrained_hub, num_classes=num_classes, drop_rate=spec.drop_rate)
+    return _timm_create(spec, num_classes, pretrained_hub, image_size)
+
+
+def _window_of(table_shape: tuple[int, ...]) -> tuple[int, int]:
+    """Window size of a flat relative-position bias table ((2w-1)^2 rows, + 3 for BEiT's cls rows)."""
+    n = table_shape[0]
+    side = math.isqrt(n) if math.isqrt(n) ** 2 == n else math.isqrt(n - 3)
+    return (side + 1) // 2, (side + 1) // 2
+
+
+def fit_to_model(source: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Source weights trained at another resolution, made to fit `model`'s grid with timm's helpers:
+    absolute position embeddings resampled (prefix tokens kept), relative position bias tables
+    resized to the window. Every other tensor is passed through unchanged."""
+    from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
+
+    target = model.state_dict()
+    out = dict(source)
+    for key, tensor in source.items():
+        want = target.get(key)
+        if want is None or want.shape == tensor.shape:
+            continue
+        if key.endswith(("pos_embed", "pos_embedding")) and tensor.ndim == 3 and want.ndim == 3:
+            grid = _patch_grid(model, want.shape[1])
+            prefix = want.shape[1] - grid[0] * grid[1]
+            out[key] = resample_abs_pos_embed(tensor, new_size=list(grid), num_prefix_tokens=prefix)
+        elif key.endswith("relative_position_bias_table") and tensor.ndim == 2:
+            out[key] = resize_rel_pos_bias_table(tensor, _window_of(tuple(want.shape)), tuple(want.shape))
+    return out
+
+
+def _patch_grid(model: nn.Module, num_tokens: int) -> tuple[int, int]:
+    """The patch grid a position embedding of `num_tokens` tokens covers in `model`."""
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None and hasattr(patch_embed, "grid_size"):
+        gh, gw = patch_embed.grid_size
+        return int(gh), int(gw)
+    side = math.isqrt(num_tokens)  # torchvision ViT: one class token + a square grid
+    side = side if side * side == num_tokens else math.isqrt(num_tokens - 1)
+    return side, side
+
+
+# Where _replace_torchvision_head put the new classifier (torchvision models have no get_classifier).
+_HEAD_ATTR = "_tltrain_head"
 
 
 def _replace_torchvision_head(model: nn.Module, num_classes: int, drop_rate: float) -> None:
-    # torchvision classifiers end in one Linear named fc / classifier[-1] / heads.head.
+    """Replace the final Linear with a `num_classes` one. Only that Linear is the head: layers before
+    it in the classifier (mobilenet_v3's pretrained 576->1024 Linear, convnext's LayerNorm) keep
+    their weights and belong to the top backbone group."""
     for attr in ("fc", "classifier", "heads", "head"):
         parent = getattr(model, attr, None)
         if parent is None:
             continue
         if isinstance(parent, nn.Linear):
             setattr(model, attr, nn.Sequential(nn.Dropout(drop_rate), nn.Linear(parent.in_features, num_classes)))
+            setattr(model, _HEAD_ATTR, f"{attr}.1")
             return
         if isinstance(parent, nn.Sequential):
             for i in range(len(parent) - 1, -1, -1):
                 layer = parent[i]
                 if isinstance(layer, nn.Linear):
                     parent[i] = nn.Linear(layer.in_features, num_classes)
+                    setattr(model, _HEAD_ATTR, f"{attr}.{list(parent._modules)[i]}")  # vit: heads.head
                     return
     raise ModelError("model.name: cannot find the classification head of this torchvision model")
 
 
 def head_param_names(model: nn.Module) -> set[str]:
-    """Names of the classifier parameters, which are re-initialised for the new classes."""
-    if hasattr(model, "get_classifier"):
-        head = cast(Callable[[], nn.Module], model.get_classifier)()  # timm models only
-        ids = {id(p) for p in head.parameters()}
+    """Names of the classifier parameters, which are re-initialised for the new classes (both heads
+    of a distilled model)."""
+    if hasattr(model, "get_classifier"):  # timm
+        heads = cast(Callable[[], Any], model.get_classifier)()
+        ids = {id(p) for head in (heads if isinstance(heads, tuple) else (heads,)) for p in head.parameters()}
         return {n for n, p in model.named_parameters() if id(p) in ids}
-    for attr in ("fc", "classifier", "heads", "head"):
-        if hasattr(model, attr):
-            return {f"{attr}.{n}" for n, _ in getattr(model, attr).named_parameters()}
+    path = getattr(model, _HEAD_ATTR, None)
+    if isinstance(path, str):
+        return {f"{path}.{n}" for n, _ in model.get_submodule(path).named_parameters()}
     raise ModelError("cannot find the model's classification head")
 
 
@@ -133,6 +205,7 @@ def load_source_weights(model: nn.Module, weights_file: Path, remap: bool) -> tu
                 )
             mapped[dst] = tensor
         source = mapped
+    source = fit_to_model(source, model)  # position embeddings of another resolution, resampled
     loadable: dict[str, torch.Tensor] = {}
     for key in backbone_keys:
         if key in source:
@@ -151,13 +224,17 @@ def load_source_weights(model: nn.Module, weights_file: Path, remap: bool) -> tu
     return missing, skipped
 
 
-def build_model(spec: ModelSpec, num_classes: int, weights_file: Path | None = None) -> nn.Module:
+def build_model(
+    spec: ModelSpec, num_classes: int, weights_file: Path | None = None, image_size: int | None = None
+) -> nn.Module:
     """The model with a new `num_classes` head; source weights from `weights_file` or the hub.
 
     `weights_file` is the local copy of spec.weights (the caller downloads s3:// URIs first).
+    `image_size` (data.image_size): ViT-like models are built for it, and weights trained at
+    another size are resampled to it.
     """
     pretrained_hub = spec.weights == "hub"
-    model = _create(spec, num_classes, pretrained_hub)
+    model = _create(spec, num_classes, pretrained_hub, image_size)
     if weights_file is not None:
         missing, skipped = load_source_weights(model, Path(weights_file), spec.weights_remap)
         if missing:
@@ -180,8 +257,69 @@ def _timm_groups(model: nn.Module, coarse: bool) -> list[list[str]] | None:
     return [list(names) for _, names in sorted(grouped.items())]
 
 
+# torchvision has no group_matcher: one regex list per family (timm's idea), coarse then fine. A
+# parameter that matches no pattern (the classifier's pretrained layers before the new Linear, a
+# final norm) joins the top backbone group.
+_TORCHVISION_GROUPS: list[tuple[str, list[str], list[str]]] = [
+    (
+        r"^(resnet|resnext|wide_resnet)",
+        [r"^(?:conv1|bn1)\.", r"^layer(\d+)\."],
+        [r"^(?:conv1|bn1)\.", r"^layer(\d+)\.(\d+)\."],
+    ),
+    (
+        r"^regnet",
+        [r"^stem\.", r"^trunk_output\.block(\d+)\."],
+        [r"^stem\.", r"^trunk_output\.block(\d+)\.[^.]*?-(\d+)\."],
+    ),
+    (
+        r"^visiontransformer",
+        [r"^(?:conv_proj|class_token|encoder\.pos_embedding)", r"^encoder\.layers\.encoder_layer_(\d+)\."],
+        [r"^(?:conv_proj|class_token|encoder\.pos_embedding)", r"^encoder\.layers\.encoder_layer_(\d+)\."],
+    ),
+    # efficientnet (v1, v2), mobilenet (v2, v3), convnext, swin, mnasnet, densenet, ...: stages in `features`
+    (r".", [r"^features\.(\d+)\."], [r"^features\.(\d+)\.(?:block\.)?(\d+)\."]),
+]
+
+
+def _torchvision_groups(model: nn.Module, coarse: bool) -> list[list[str]] | None:
+    arch = type(model).__name__.lower()
+    names = [n for n, _ in model.named_parameters()]
+    for family, coarse_rx, fine_rx in _TORCHVISION_GROUPS:
+        if not re.search(family, arch):
+            continue
+        groups = _match_groups(names, coarse_rx)
+        if groups is None:
+            continue  # this family's layout is not this model's (e.g. no `features`)
+        if not coarse:  # blocks within stages, where the model has them
+            fine = _match_groups(names, fine_rx)
+            groups = fine if fine is not None and len(fine) > len(groups) else groups
+        return groups
+    return None
+
+
+def _match_groups(names: list[str], regexes: list[str]) -> list[list[str]] | None:
+    patterns = [re.compile(rx) for rx in regexes]
+    keyed: dict[tuple[int, ...], list[str]] = {}
+    unmatched: list[str] = []
+    for name in names:
+        for i, rx in enumerate(patterns):
+            m = rx.match(name)
+            if m:
+                keyed.setdefault((i, *(int(g) for g in m.groups() if g is not None)), []).append(name)
+                break
+        else:
+            unmatched.append(name)
+    if len(keyed) < 3:
+        return None
+    groups = [keyed[k] for k in sorted(keyed)]
+    groups[-1].extend(unmatched)  # joins the top group; layer_groups takes the head out
+    return groups
+
+
 def _children_groups(model: nn.Module) -> list[list[str]]:
-    groups: list[list[str]] = []
+    # Parameters of the root itself (a class token, a position embedding) go with the first child.
+    own = [n for n, _ in model.named_parameters(recurse=False)]
+    groups: list[list[str]] = [own] if own else []
     for child_name, child in model.named_children():
         names = [f"{child_name}.{n}" for n, _ in child.named_parameters()]
         if names:
@@ -190,8 +328,11 @@ def _children_groups(model: nn.Module) -> list[list[str]]:
 
 
 def layer_groups(model: nn.Module, coarse: bool = True) -> list[LayerGroup]:
-    """Ordered layer groups, stem first; the last group is exactly the classification head."""
-    raw = _timm_groups(model, coarse) or _children_groups(model)
+    """Ordered layer groups, stem first; the last group is exactly the classification head.
+
+    timm models: their `group_matcher`; torchvision models: the family table above; anything
+    else: the top-level children. Every parameter is in exactly one group (else ModelError)."""
+    raw = _timm_groups(model, coarse) or _torchvision_groups(model, coarse) or _children_groups(model)
     head = head_param_names(model)
     groups: list[LayerGroup] = []
     for names in raw:
@@ -199,10 +340,39 @@ def layer_groups(model: nn.Module, coarse: bool = True) -> list[LayerGroup]:
         if body:
             groups.append(LayerGroup(name="stem" if not groups else _group_label(body), param_names=body))
     groups.append(LayerGroup(name="head", param_names=[n for n, _ in model.named_parameters() if n in head]))
+    _check_partition(model, groups)
     return groups
 
 
+def _check_partition(model: nn.Module, groups: list[LayerGroup]) -> None:
+    seen: dict[str, str] = {}
+    for g in groups:
+        for n in g.param_names:
+            if n in seen:
+                raise ModelError(f"layer groups: {n} is in both {seen[n]} and {g.name}")
+            seen[n] = g.name
+    missing = [n for n, _ in model.named_parameters() if n not in seen]
+    if missing:
+        raise ModelError(f"layer groups: {len(missing)} parameter(s) in no group, e.g. {missing[:3]}")
+    if not groups[-1].param_names:
+        raise ModelError("layer groups: the model has no classification head parameters")
+
+
 def _group_label(names: list[str]) -> str:
+    """The module path the group's parameters share (`layer2`, `features.3`, `blocks.7`)."""
+    split = [n.split(".")[:-1] for n in names]
+    common: list[str] = []
+    for parts in zip(*split):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    # Up to the first index: a stage (`features.3`, `layer2`), not the one block it happens to hold.
+    for i, part in enumerate(common):
+        if part.isdigit():
+            common = common[: i + 1] if not (i + 1 < len(common) and common[i + 1].isdigit()) else common[: i + 2]
+            break
+    if common:
+        return ".".join(common)
     first = names[0].split(".")
     return ".".join(first[:2]) if len(first) > 2 and first[1].isdigit() else first[0]
 

@@ -83,7 +83,7 @@ def build_param_groups(
         no_decay: list[nn.Parameter] = []
         for name in group.param_names:
             (no_decay if _no_weight_decay(name, params[name], model) else decay).append(params[name])
-        for plist, wd in ((decay, optim.weight_decay), (no_decay, 0.0)):
+        for plist, wd in ((decay, optim.effective_weight_decay), (no_decay, 0.0)):
             if plist:
                 param_groups.append(
                     {
@@ -106,7 +106,7 @@ def build_optimizer(
     fused = {"fused": True} if device.type == "cuda" else {}
     if optim.name == "adamw":
         return torch.optim.AdamW(param_groups, lr=optim.lr, betas=optim.betas, **fused)
-    return torch.optim.SGD(param_groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.momentum > 0, **fused)
+    return torch.optim.SGD(param_groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, **fused)
 
 
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: ScheduleSpec) -> float:

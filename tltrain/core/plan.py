@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from tltrain.core.model import LayerGroup, ModelError, build_model, layer_groups
@@ -27,6 +28,7 @@ class TrainPlan:
     data_config: dict[str, Any]
     num_layer_groups: int  # backbone groups (the head not counted)
     layer_group_names: list[str]
+    layer_group_params: list[int]  # parameters per group, same order
     weights_uri: str | None
     weights_sha256: str | None
     fingerprint: dict[str, Any]
@@ -49,7 +51,9 @@ def count_layer_groups(spec: JobSpec, num_classes: int) -> int:
     """Backbone layer groups (the head not counted) of the spec's model, built without weights:
     for checking freeze depths of searched model variants."""
     try:
-        model = build_model(spec.model.model_copy(update={"weights": None}), num_classes)
+        model = build_model(
+            spec.model.model_copy(update={"weights": None}), num_classes, image_size=spec.data.image_size
+        )
     except ModelError as err:
         raise SpecError(str(err)) from None
     return len(layer_groups(model, coarse=spec.strategy.group_granularity == "coarse")) - 1
@@ -64,9 +68,64 @@ def probe_model(spec: JobSpec, num_classes: int, weights_file: Path | None) -> t
             spec.model.model_copy(update={"weights": None if spec.model.weights == "hub" else spec.model.weights}),
             num_classes,
             weights_file=weights_file,
+            image_size=spec.data.image_size,
         )
+        groups = layer_groups(probe, coarse=spec.strategy.group_granularity == "coarse")
     except ModelError as err:
         raise SpecError(str(err)) from None
-    groups = layer_groups(probe, coarse=spec.strategy.group_granularity == "coarse")
+    except (AssertionError, RuntimeError, ValueError) as err:  # an architecture refusing the size
+        if spec.data.image_size is None:
+            raise
+        raise SpecError(
+            f"data.image_size: {spec.model.name} cannot be built for {spec.data.image_size}x{spec.data.image_size} "
+            f"({_first_line(err)}); use a size the architecture supports (ViTs: a multiple of the patch size)"
+        ) from None
     check_depths(spec, len(groups) - 1)
+    check_batch_norm_batch(spec, probe, groups)
     return probe, groups
+
+
+def check_forward(spec: JobSpec, model: nn.Module, image_size: int) -> None:
+    """One forward and backward pass of a 2-image batch at the run's resolution, on the driver's CPU:
+    a size the architecture cannot take fails here, naming the field, not in every worker."""
+    was_training = model.training
+    model.train()
+    try:
+        x = torch.randn(2, 3, image_size, image_size)
+        out = model(x)
+        (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+    except Exception as err:  # shape errors come as RuntimeError, AssertionError, ValueError...
+        raise SpecError(
+            f"data.image_size: {spec.model.name} cannot train at {image_size}x{image_size} ({_first_line(err)}); "
+            "use a size the architecture supports (ViTs: a multiple of the patch size; windowed models: of "
+            "patch x window)"
+        ) from None
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _min_freeze_depth(spec: JobSpec, num_groups: int) -> int:
+    depths = [spec.strategy.freeze_depth, *spec.strategy.unfreeze.values()]
+    return min(num_groups if d == "all" else int(d) for d in depths)
+
+
+def check_batch_norm_batch(spec: JobSpec, model: nn.Module, groups: list[LayerGroup]) -> None:
+    """BatchNorm in training mode needs more than one value per channel: a micro-batch of one image
+    on a trainable BatchNorm layer fails in every worker. Frozen groups keep their norms in eval."""
+    if spec.scaling.batch_size_per_worker > 1:
+        return
+    trainable = {n for g in groups[_min_freeze_depth(spec, len(groups) - 1) :] for n in g.param_names}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(
+            f"{name}.{p}" in trainable for p, _ in module.named_parameters()
+        ):
+            raise SpecError(
+                f"scaling.batch_size_per_worker: 1 image per micro-batch cannot train {spec.model.name}'s "
+                f"BatchNorm layers ({name} is in a trainable group): use 2 or more, or freeze those groups"
+            )

@@ -7,6 +7,7 @@ Everything here knows torch.distributed (when initialised) but not Ray.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import tempfile
 import time
@@ -58,6 +59,23 @@ def _all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
+
+
+def epoch_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of a rank's model noise (dropout, drop-path) in one epoch: reseeding from it at every
+    epoch start makes a resumed run draw what an uninterrupted one would."""
+    digest = hashlib.sha256(f"model:{seed}:{rank}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank: DDP broadcasts them at each
+    training forward, but each rank updates its copy after that, and evaluation runs the unwrapped
+    module. Every rank calls this (a collective), whatever its share of the val set."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buf in model.buffers():
+        dist.broadcast(buf.data, src=0)
 
 
 def set_backend_flags(lp: LoopSpec, device: torch.device) -> None:

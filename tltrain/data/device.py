@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 from tltrain.data.folder import DataError, Sample, local_root
+from tltrain.data.loaders import sample_seed
 from tltrain.spec.schema import JobSpec
 
 INDEX_FILE = "index.json"
@@ -123,6 +124,11 @@ class DeviceAugment:
     interpolation: str
     crop_pct: float
     generator: torch.Generator
+    seed: int = 0  # set_epoch reseeds the generator from (seed, epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Each epoch's crops and flips from (seed, epoch) alone, so a resumed run draws the same."""
+        self.generator.manual_seed(sample_seed(self.seed, epoch, -1))
 
     def __post_init__(self) -> None:
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -220,6 +226,7 @@ def build_augment(
         interpolation=str(data_config["interpolation"]),
         crop_pct=float(data_config["crop_pct"]),
         generator=torch.Generator().manual_seed(seed),
+        seed=seed,
     )
 
 
@@ -231,12 +238,25 @@ class DeviceLoader:
     prepared on a side CUDA stream while the model computes on the current one."""
 
     def __init__(
-        self, loader: DataLoader, sampler: Any, to_device: Callable[[Any], Batch], device: torch.device
+        self,
+        loader: DataLoader,
+        sampler: Any,
+        to_device: Callable[[Any], Batch],
+        device: torch.device,
+        augment: DeviceAugment | None = None,
     ) -> None:
         self.loader = loader
-        self.sampler = sampler  # loop.train calls sampler.set_epoch(e)
+        self.sampler = sampler
         self.to_device = to_device
         self.device = device
+        self.augment = augment
+
+    def set_epoch(self, epoch: int) -> None:
+        """loop.train calls this each epoch: a new seeded shuffle and that epoch's augmentation stream."""
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        if self.augment is not None:
+            self.augment.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -446,7 +466,9 @@ def build_shard_loaders(
         images, labels = host
         return val_aug.squares(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
 
-    train = DeviceLoader(host_loader(train_ds, batches, workers, None, device), sampler, train_to_device, device)
+    train = DeviceLoader(
+        host_loader(train_ds, batches, workers, None, device), sampler, train_to_device, device, train_aug
+    )
     val = DeviceLoader(
         host_loader(val_ds, eval_sampler(len(val_ds), batch), workers, None, device), None, val_to_device, device
     )

@@ -115,7 +115,7 @@ def build_nvjpeg_loaders(
         return to_device
 
     train = DeviceLoader(
-        host_loader(train_ds, batches, workers, _collate_bytes, device), sampler, make(train_aug), device
+        host_loader(train_ds, batches, workers, _collate_bytes, device), sampler, make(train_aug), device, train_aug
     )
     val = DeviceLoader(
         host_loader(val_ds, eval_sampler(len(val_ds), batch), workers, _collate_bytes, device),

@@ -77,7 +77,7 @@ def bare_step_rate(spec: JobSpec, num_classes: int, image_size: int, depth: int,
     dtype = autocast_dtype(lp.precision)
     channels_last = lp.channels_last and cuda
     torch.manual_seed(lp.seed)
-    model = build_model(spec.model.model_copy(update={"weights": None}), num_classes)
+    model = build_model(spec.model.model_copy(update={"weights": None}), num_classes, image_size=spec.data.image_size)
     groups = layer_groups(model, coarse=spec.strategy.group_granularity == "coarse")
     apply_freeze(model, groups, depth)
     model.to(device).train()
@@ -175,7 +175,7 @@ def _synthetic_worker(config: dict[str, Any]) -> None:
     num_classes, image_size = config["num_classes"], config["image_size"]
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.loop.seed)
-    model = build_model(spec.model.model_copy(update={"weights": None}), num_classes)
+    model = build_model(spec.model.model_copy(update={"weights": None}), num_classes, image_size=spec.data.image_size)
     groups = layer_groups(model, coarse=spec.strategy.group_granularity == "coarse")
     model.to(device)
     channels_last = spec.loop.channels_last and device.type == "cuda"

@@ -7,11 +7,20 @@ weights file) and applies the bounds in spec/bounds.py and core/plan.py. The res
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from tltrain import storage
-from tltrain.core.checkpoint import sha256_file
-from tltrain.core.plan import TrainPlan, probe_model
+from tltrain.core.checkpoint import (
+    CHECKPOINT_PREFIX,
+    MANIFEST_FILE,
+    META_FILE,
+    MODEL_FILE,
+    CheckpointMeta,
+    load_meta,
+    sha256_file,
+)
+from tltrain.core.plan import TrainPlan, check_forward, probe_model
 from tltrain.data import DataError, plan_dataset, resolve_data_config
 from tltrain.spec.bounds import check_spec_batch
 from tltrain.spec.schema import JobSpec, SpecError, expand_path
@@ -35,28 +44,78 @@ def _check_storage(spec: JobSpec) -> None:
             raise SpecError(f"storage.uri: bucket {bucket} does not exist or is not reachable")
 
 
+# Schedules whose shape depends on loop.epochs: the LR at a given step moves when the total does.
+_TOTAL_DEPENDENT = ("cosine", "linear")
+
+
+def _latest_checkpoint_meta(spec: JobSpec) -> tuple[str, CheckpointMeta] | None:
+    """(URI, meta) of the newest complete checkpoint of a run of this name, if there is one."""
+    run_uri = f"{spec.storage.uri.rstrip('/')}/{spec.name}"
+    if not storage.exists(run_uri):
+        return None
+    files = set(storage.list_files(run_uri, retry_s=storage.OUTAGE_RETRY_S))
+    complete = sorted(
+        rel.split("/", 1)[0]
+        for rel in files
+        if rel.startswith(CHECKPOINT_PREFIX)
+        and rel.endswith(f"/{MANIFEST_FILE}")
+        and f"{rel.split('/', 1)[0]}/{META_FILE}" in files
+    )
+    if not complete:
+        return None
+    uri = f"{run_uri}/{complete[-1]}"
+    with tempfile.TemporaryDirectory(prefix="tltrain-meta-") as tmp:
+        storage.download_file(f"{uri}/{META_FILE}", f"{tmp}/{META_FILE}")
+        return uri, load_meta(tmp)
+
+
+def _check_resume(spec: JobSpec) -> None:
+    """Re-running a name resumes it. A different loop.epochs under a schedule that depends on the
+    total would jump the LR (cosine from ~0 back up, with no warmup): refuse, and say how to
+    continue from the checkpoint as a new run. Constant schedules extend as they are."""
+    found = _latest_checkpoint_meta(spec)
+    if found is None:
+        return
+    uri, meta = found
+    old_epochs = int(meta.spec["loop"]["epochs"])
+    kind = meta.spec["schedule"]["kind"]
+    if old_epochs != spec.loop.epochs and kind in _TOTAL_DEPENDENT:
+        raise SpecError(
+            f"loop.epochs: {spec.name} exists in storage ({meta.epoch} of {old_epochs} epochs done) with a {kind} "
+            f"schedule, whose LR at every step depends on the total; changing it to {spec.loop.epochs} mid-run "
+            f"would jump the LR. Keep loop.epochs={old_epochs} to resume, or continue from its latest checkpoint "
+            f"as a new run: --set name={spec.name}-more --set model.weights={uri}/{MODEL_FILE} "
+            "(the new run warms up and decays over its own epochs)"
+        )
+
+
 def build_plan(spec: JobSpec) -> TrainPlan:
     """Validate the spec against the real data and model. Raises SpecError naming the field or
     file; writes nothing but the local dataset and weights caches."""
     _check_weights(spec)
     _check_storage(spec)
+    _check_resume(spec)
     try:
-        dataset = plan_dataset(spec.data, spec.loop.seed, storage.localizer(spec.data.cache_dir))
+        dataset = plan_dataset(spec.data, spec.data.split_seed, storage.localizer(spec.data.cache_dir))
     except DataError as err:
         raise SpecError(str(err)) from None
     check_spec_batch(len(dataset.train), spec)
     local_weights = storage.fetch_weights(spec.model.weights, spec.data.cache_dir)
     weights_sha = sha256_file(local_weights) if local_weights is not None else None
     probe, groups = probe_model(spec, len(dataset.class_names), local_weights)
+    data_config = resolve_data_config(probe, spec.data.image_size, model_name=spec.model.name)
+    check_forward(spec, probe, int(data_config["input_size"][-1]))
+    params = dict(probe.named_parameters())
     return TrainPlan(
         class_names=dataset.class_names,
         train=[(p, y) for p, y in dataset.train],
         val=[(p, y) for p, y in dataset.val],
         train_root=dataset.train_root,
         val_root=dataset.val_root,
-        data_config=resolve_data_config(probe, spec.data.image_size),
+        data_config=data_config,
         num_layer_groups=len(groups) - 1,
         layer_group_names=[g.name for g in groups],
+        layer_group_params=[sum(params[n].numel() for n in g.param_names) for g in groups],
         weights_uri=spec.model.weights,
         weights_sha256=weights_sha,
         fingerprint=dataset.fingerprint,

@@ -101,7 +101,7 @@ def _folder_samples(spec: JobSpec) -> tuple[Any, dict[str, tuple[str, list[Sampl
     from tltrain.data.folder import plan_dataset
 
     data = spec.data.model_copy(update={"max_images_per_class": None})
-    plan = plan_dataset(data, spec.loop.seed, storage.localizer(spec.data.cache_dir))
+    plan = plan_dataset(data, spec.data.split_seed, storage.localizer(spec.data.cache_dir))
     train_root = plan.train_root
     splits: dict[str, tuple[str, list[Sample]]] = {}
     if spec.data.val is not None:
@@ -127,8 +127,8 @@ def _data_config(spec: JobSpec, num_classes: int) -> dict[str, Any]:
     from tltrain.data.loaders import resolve_data_config
 
     # Preprocessing only depends on the architecture, not on the weights.
-    model = build_model(spec.model.model_copy(update={"weights": None}), num_classes)
-    return resolve_data_config(model, spec.data.image_size)
+    model = build_model(spec.model.model_copy(update={"weights": None}), num_classes, image_size=spec.data.image_size)
+    return resolve_data_config(model, spec.data.image_size, model_name=spec.model.name)
 
 
 def _write_split(

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 # Keys whose change alters the data plan (classes, samples, preprocessing or layer groups): such a
 # trial checks its own plan instead of reusing the driver's.
-_PLAN_KEYS = ("model.", "data.", "strategy.group_granularity", "loop.seed")
+_PLAN_KEYS = ("model.", "data.", "strategy.group_granularity")
 # Marks a result that repeats an already finished trial's last epoch (see run_trial).
 _REPLAYED = "tltrain_replayed"
 

@@ -21,6 +21,7 @@ import torch
 
 from tltrain import __version__, storage
 from tltrain.core.checkpoint import (
+    CHECKPOINT_PREFIX,
     MANIFEST_FILE,
     CheckpointError,
     CheckpointMeta,
@@ -44,9 +45,6 @@ def _rebase(samples: Sequence[Sequence[Any]], driver_root: str, local_root: str)
     if driver_root == local_root:
         return [(p, int(y)) for p, y in samples]
     return [(str(Path(local_root) / Path(p).relative_to(driver_root)), int(y)) for p, y in samples]
-
-
-CHECKPOINT_PREFIX = "checkpoint_"
 
 
 def restore_candidates(latest_uri: str) -> list[str]:
@@ -171,7 +169,7 @@ def worker_fn(config: dict[str, Any]) -> None:
     # A restored run gets its weights from the checkpoint; the source file would be overwritten.
     weights_file = None if resuming else storage.fetch_weights(spec.model.weights, spec.data.cache_dir)
     model_spec = spec.model.model_copy(update={"weights": None}) if resuming else spec.model
-    model = build_model(model_spec, len(plan.class_names), weights_file=weights_file)
+    model = build_model(model_spec, len(plan.class_names), weights_file=weights_file, image_size=spec.data.image_size)
     groups = layer_groups(model, coarse=spec.strategy.group_granularity == "coarse")
     resume, rejected = _restore(model, spec, rank)
     model.to(device)

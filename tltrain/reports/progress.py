@@ -80,3 +80,21 @@ def print_summary(summary: dict[str, Any], out: TextIO) -> None:
         file=out,
     )
     print(f"best checkpoint: {summary['best_checkpoint']}", file=out, flush=True)
+
+
+def describe_groups(spec: JobSpec, plan: TrainPlan, out: TextIO) -> None:
+    """The layer groups, stem first: what `strategy.freeze_depth: N` means for this model."""
+    n = plan.num_layer_groups
+
+    def depth(d: int | str) -> int:
+        return n if d == "all" else int(d)
+
+    start = depth(spec.strategy.freeze_depth)
+    print(f"layer groups of {spec.model.name} ({spec.strategy.group_granularity}), freeze_depth {start}:", file=out)
+    for i, (name, params) in enumerate(zip(plan.layer_group_names, plan.layer_group_params)):
+        is_head = i == len(plan.layer_group_names) - 1
+        state = "trained (new head)" if is_head else "frozen" if i < start else "trained"
+        later = [e for e, d in spec.strategy.unfreeze.items() if not is_head and (i < depth(d)) != (i < start)]
+        if later:
+            state += f" ({'frozen' if state == 'trained' else 'unfrozen'} from epoch {later[0]})"
+        print(f"  {i:>3}  {name:<40} {params:>12,} params  {state}", file=out)

@@ -18,6 +18,8 @@ from tltrain.spec import metrics
 from tltrain.spec.space import parse_distribution
 
 DEFAULT_STORE_DIR = "~/.tltrain"
+# model.name of a torchvision model: torchvision:<name> (anything else is a timm name).
+TORCHVISION_PREFIX = "torchvision:"
 
 
 class SpecError(ValueError):
@@ -53,6 +55,11 @@ class DataSpec(_Section):
         gt=0.0,
         lt=1.0,
         description="seeded per-class split of train used for validation when val is unset",
+    )
+    split_seed: int = Field(
+        default=0,
+        description="seed of the val_fraction split and the max_images_per_class cap; apart from loop.seed so "
+        "that searching or changing loop.seed never moves the validation set",
     )
     image_size: int | None = Field(
         default=None, ge=16, le=1024, description="train/eval resolution; null = the model's pretrained config"
@@ -132,14 +139,35 @@ class StrategySpec(_Section):
         return dict(sorted(v.items()))
 
 
+_DEFAULT_WEIGHT_DECAY = {"adamw": 0.05, "sgd": 1e-4}
+
+
 class OptimSpec(_Section):
     name: Literal["adamw", "sgd"] = Field(default="adamw", description="optimizer")
     lr: float = Field(default=3e-4, gt=0.0, description="base LR (the top layer group; head gets x head_lr_mult)")
-    weight_decay: float = Field(
-        default=0.05, ge=0.0, description="decoupled weight decay; never applied to norms and biases"
+    weight_decay: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="null = the optimizer's default: adamw 0.05 (decoupled, AdamW's own), sgd 1e-4 (L2 in the "
+        "gradient, as torch.optim.SGD applies it); never applied to norms and biases",
     )
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0, description="SGD momentum")
+    nesterov: bool = Field(default=False, description="SGD: Nesterov momentum (needs momentum > 0)")
     betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW betas")
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimSpec:
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("optim.nesterov: only for optim.name sgd with optim.momentum > 0")
+        return self
+
+    @property
+    def effective_weight_decay(self) -> float:
+        """weight_decay, or the optimizer's default: the two mean different things (AdamW decays
+        the weights directly; SGD adds decay x weight to the gradient), so they do not share one."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return _DEFAULT_WEIGHT_DECAY[self.name]
 
 
 class ScheduleSpec(_Section):

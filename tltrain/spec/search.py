@@ -32,6 +32,11 @@ _FIXED = {
     "storage.mode": "trials rank checkpoints by tune.mode",
     "scaling.address": "the cluster the sweep runs on",
     "loop.epochs": "ASHA's max_t (every trial's budget); set it in the spec",
+    # Keys that change which images validate: trials would be ranked on different sets.
+    "data.train": "where the validation images come from (val_fraction splits it); trials must share one val set",
+    "data.val": "the validation set; trials must share one to be compared",
+    "data.val_fraction": "the validation split; trials must share one val set to be compared",
+    "data.split_seed": "the validation split; trials must share one val set to be compared",
 }
 
 

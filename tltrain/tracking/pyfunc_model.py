@@ -38,13 +38,15 @@ _TRANSFORM_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interp
 _BATCH = 64  # bounds memory for long inputs; inference cost per image is unchanged
 
 
-def _torchvision_model(name: str, num_classes: int) -> torch.nn.Module:
+def _torchvision_model(name: str, num_classes: int, image_size: int | None = None) -> torch.nn.Module:
     # Must mirror tltrain.model._replace_torchvision_head, so the state-dict keys match the
     # checkpoint (a Linear `fc`/`classifier`/`heads`/`head` becomes Sequential(Dropout, Linear);
     # a Sequential head gets its last Linear replaced). tests/test_registry.py checks the keys agree.
     import torchvision
 
     model = torchvision.models.get_model(name, weights=None)
+    if isinstance(getattr(model, "image_size", None), int) and image_size and image_size != model.image_size:
+        model = torchvision.models.get_model(name, weights=None, image_size=image_size)  # ViT: its grid
     for attr in ("fc", "classifier", "heads", "head"):
         parent = getattr(model, attr, None)
         if isinstance(parent, torch.nn.Linear):
@@ -63,10 +65,17 @@ def _torchvision_model(name: str, num_classes: int) -> torch.nn.Module:
     raise ValueError(f"cannot find the classification head of torchvision model {name!r}")
 
 
-def build_network(model_name: str, num_classes: int) -> torch.nn.Module:
-    """The architecture named in meta.json with a num_classes head, no pretrained download."""
+def build_network(model_name: str, num_classes: int, image_size: int | None = None) -> torch.nn.Module:
+    """The architecture named in meta.json with a num_classes head, no pretrained download; ViT-like
+    models built for `image_size` (the trained resolution, meta.json data_config.input_size)."""
     if model_name.startswith(TORCHVISION_PREFIX):
-        return _torchvision_model(model_name[len(TORCHVISION_PREFIX) :], num_classes)
+        return _torchvision_model(model_name[len(TORCHVISION_PREFIX) :], num_classes, image_size)
+    if image_size:
+        try:
+            return timm.create_model(model_name, pretrained=False, num_classes=num_classes, img_size=image_size)
+        except TypeError as err:  # CNNs take any size and have no img_size argument
+            if "img_size" not in str(err):
+                raise
     return timm.create_model(model_name, pretrained=False, num_classes=num_classes)
 
 
@@ -156,7 +165,8 @@ class ImageClassifier(PythonModel):
         self.class_names: list[str] = list(meta["class_names"])
         config = dict(context.model_config or {})
         self.device = torch.device(config.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = build_network(meta["model_name"], len(self.class_names))
+        size = int(meta["data_config"]["input_size"][-1])
+        model = build_network(meta["model_name"], len(self.class_names), size)
         # strict: a key mismatch means this file and the training code disagree on the
         # architecture, and silently random weights would be far worse than an error.
         model.load_state_dict(load_file(context.artifacts["weights"]), strict=True)
