@@ -88,7 +88,8 @@ class CheckpointMeta:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
         loop_state = kwargs.get("loop_state") or {}
-        kwargs["loop_state"] = LoopState(**{k: v for k, v in loop_state.items() if k in LoopState.__dataclass_fields__})
+        loop_fields = {f.name for f in dataclasses.fields(LoopState)}
+        kwargs["loop_state"] = LoopState(**{k: v for k, v in loop_state.items() if k in loop_fields})
         return cls(**kwargs)
 
     @classmethod

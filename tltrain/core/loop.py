@@ -95,7 +95,6 @@ def train(
     rank, world_size = distributed()
     lp = spec.loop
     meta = meta or _default_meta(spec, num_classes)
-    torch.manual_seed(lp.seed + rank)
     set_backend_flags(lp, device)
     channels_last = lp.channels_last and device.type == "cuda"
     if channels_last:

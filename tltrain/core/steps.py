@@ -7,8 +7,8 @@ Everything here knows torch.distributed (when initialised) but not Ray.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
+import random
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -64,8 +64,7 @@ def _all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
 def epoch_seed(seed: int, rank: int, epoch: int) -> int:
     """The seed of a rank's model noise (dropout, drop-path) in one epoch: reseeding from it at every
     epoch start makes a resumed run draw what an uninterrupted one would."""
-    digest = hashlib.sha256(f"model:{seed}:{rank}:{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return random.Random(f"model:{seed}:{rank}:{epoch}").getrandbits(63)
 
 
 def sync_buffers(model: nn.Module) -> None:

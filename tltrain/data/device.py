@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,6 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 from tltrain.data.folder import DataError, Sample, local_root
-from tltrain.data.loaders import sample_seed
 from tltrain.spec.schema import JobSpec
 
 INDEX_FILE = "index.json"
@@ -128,7 +128,7 @@ class DeviceAugment:
 
     def set_epoch(self, epoch: int) -> None:
         """Each epoch's crops and flips from (seed, epoch) alone, so a resumed run draws the same."""
-        self.generator.manual_seed(sample_seed(self.seed, epoch, -1))
+        self.generator.manual_seed(random.Random(f"device-augment:{self.seed}:{epoch}").getrandbits(63))
 
     def __post_init__(self) -> None:
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}

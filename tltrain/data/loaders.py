@@ -6,7 +6,6 @@ Loaders only take `rank`/`world_size` integers; this module knows nothing else a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import random
@@ -87,26 +86,29 @@ def build_transform(
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The augmentation seed of one sample in one epoch: a function of nothing else, so a resumed
     run (fresh loader workers, any worker count) draws exactly the crops and flips an uninterrupted
-    run would."""
-    digest = hashlib.sha256(f"{seed}:{epoch}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    run would. (String seeds hash deterministically, as data/folder.py's split streams do.)"""
+    return random.Random(f"augment:{seed}:{epoch}:{index}").getrandbits(63)
 
 
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Python, numpy and torch RNGs (what timm/torchvision transforms draw from) seeded for one
     sample, and restored after it: with loader_workers 0 this runs in the training process, whose
-    own torch stream (dropout) must not move."""
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    own torch stream (dropout) must not move. A loader worker process has no other use for its RNGs,
+    so it skips the save and restore (the per-image cost stays a reseed)."""
+    in_process = torch.utils.data.get_worker_info() is None
+    if in_process:
+        states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     try:
         yield
     finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.random.set_rng_state(torch_state)
+        if in_process:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.random.set_rng_state(states[2])
 
 
 class EpochSampler(DistributedSampler):  # items are (epoch, index), not ints
