@@ -20,9 +20,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from tltrain.spec.metrics import Twin
+
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = "model.safetensors"  # the exported weights (with EMA on: the better of raw and EMA)
+# With loop.ema_decay on, the twin that is not exported: raw.safetensors or ema.safetensors.
+TWIN_FILE = "{}.safetensors"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 MANIFEST_FILE = "MANIFEST.json"
@@ -73,6 +77,7 @@ class CheckpointMeta:
     global_step: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)  # that epoch's report (no lr/ entries)
     confusion_matrix: list[list[int]] | None = None  # val, rows = true class
+    exported_weights: str = Twin.RAW  # which twin model.safetensors holds: "raw", or "ema" (loop.ema_decay)
     loop_state: LoopState = field(default_factory=LoopState)
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,14 +113,17 @@ def save_checkpoint(
     model_state: dict[str, torch.Tensor],
     train_state: dict[str, Any] | None,
     meta: CheckpointMeta,
+    twin: tuple[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write a complete checkpoint into `directory` (created if needed); MANIFEST.json last."""
+    """Write a complete checkpoint into `directory` (created if needed); MANIFEST.json last.
+    `twin` = (name, weights) of the EMA twin that is not exported, saved as <name>.safetensors."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    # safetensors refuses shared or non-contiguous storage; clone detaches from DDP/compile wrappers.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
-    save_file(tensors, str(d / MODEL_FILE))
     files = [MODEL_FILE, META_FILE]
+    _save_weights(model_state, d / MODEL_FILE)
+    if twin is not None:
+        files.append(TWIN_FILE.format(twin[0]))
+        _save_weights(twin[1], d / files[-1])
     if train_state is not None:
         torch.save(train_state, d / STATE_FILE)
         files.append(STATE_FILE)
@@ -123,6 +131,11 @@ def save_checkpoint(
     manifest = {"files": {name: sha256_file(d / name) for name in files}}
     _write_atomic(d / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
     return d
+
+
+def _save_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    # safetensors refuses shared or non-contiguous storage; clone detaches from DDP/compile wrappers.
+    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(path))
 
 
 def verify_checkpoint(directory: str | Path, source: str | None = None) -> None:
@@ -159,15 +172,30 @@ def load_meta(directory: str | Path) -> CheckpointMeta:
     return CheckpointMeta.from_json((Path(directory) / META_FILE).read_text())
 
 
-def load_model_state(directory: str | Path, source: str | None = None) -> dict[str, torch.Tensor]:
-    """The weights, from safetensors (a format that holds tensors only: loading runs no code)."""
-    path = Path(directory) / MODEL_FILE
+def load_model_state(
+    directory: str | Path, source: str | None = None, file: str = MODEL_FILE
+) -> dict[str, torch.Tensor]:
+    """The (exported) weights, from safetensors (a format that holds tensors only: loading runs no code)."""
+    path = Path(directory) / file
     try:
         return load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for a damaged header
         raise CheckpointError(
-            f"checkpoint {source or path.parent}: {MODEL_FILE} is not a valid safetensors file ({err})"
+            f"checkpoint {source or path.parent}: {file} is not a valid safetensors file ({err})"
         ) from None
+
+
+def load_twins(
+    directory: str | Path, meta: CheckpointMeta, source: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(raw weights, EMA weights or None) of a checkpoint: what a resume loads into the model and
+    the EMA. model.safetensors holds whichever twin was exported; the other is beside it."""
+    exported = load_model_state(directory, source)
+    d = Path(directory)
+    if meta.exported_weights == Twin.EMA:
+        return load_model_state(d, source, TWIN_FILE.format(Twin.RAW)), exported
+    twin = d / TWIN_FILE.format(Twin.EMA)
+    return exported, (load_model_state(d, source, twin.name) if twin.is_file() else None)
 
 
 def load_train_state(

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,10 +30,13 @@ from tltrain.core.steps import (
     Report,
     Trainer,
     apply_stop_rule,
+    build_loss,
+    build_mixup,
     distributed,
     epoch_metrics,
     epoch_seed,
     evaluate,
+    pick_twin,
     save_and_report,
     set_backend_flags,
     sync_buffers,
@@ -50,6 +54,7 @@ class Resume:
 
     train_state: dict[str, Any] | None  # optimizer, scheduler, scaler
     meta: CheckpointMeta
+    ema_state: dict[str, torch.Tensor] | None = None  # the EMA weights (loop.ema_decay on)
 
 
 def _steps_per_epoch(spec: JobSpec, train_loader: Any) -> int:
@@ -65,6 +70,19 @@ def _set_epoch(loader: Any, epoch: int) -> None:
     target = loader if hasattr(loader, "set_epoch") else getattr(loader, "sampler", None)
     if target is not None and hasattr(target, "set_epoch"):
         target.set_epoch(epoch)
+
+
+def _build_ema(model: nn.Module, lp: Any, resume: Resume | None) -> Any:
+    """timm's ModelEmaV3 of the model at a constant decay (None when loop.ema_decay is off), its
+    weights restored from the checkpoint on resume."""
+    if lp.ema_decay is None:
+        return None
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(model, decay=lp.ema_decay)
+    if resume is not None and resume.ema_state is not None:
+        ema.module.load_state_dict(resume.ema_state)
+    return ema
 
 
 def _default_meta(spec: JobSpec, num_classes: int) -> CheckpointMeta:
@@ -85,12 +103,13 @@ def train(
     meta: CheckpointMeta | None = None,
     resume: Resume | None = None,
     started_at: float | None = None,
+    class_weights: list[float] | None = None,
 ) -> LoopState:
     """Fine-tune `model` (weights already loaded) for spec.loop.epochs, reporting once per epoch.
 
     `meta` (class names, data config, lineage) is saved with every checkpoint, its epoch, step and
     metrics filled in here. `started_at` (perf_counter) is when the worker began setting up; the
-    first epoch's `epoch_wall_s` counts from there.
+    first epoch's `epoch_wall_s` counts from there. `class_weights` (per label) weigh the loss.
     """
     rank, world_size = distributed()
     lp = spec.loop
@@ -118,7 +137,9 @@ def train(
 
     # torch.compile of a Module returns an OptimizedModule (a Module); its hint says only Callable.
     compiled = cast(nn.Module, torch.compile(model)) if lp.compile else model
-    trainer = Trainer(model, compiled, optimizer, scheduler, scaler, device, lp, channels_last)
+    loss = build_loss(lp, class_weights, device)
+    trainer = Trainer(model, compiled, optimizer, scheduler, scaler, device, lp, channels_last, loss,
+                      mixup=build_mixup(lp, num_classes), ema=_build_ema(model, lp, resume))  # fmt: skip
     # Wall time between reports: training, evaluation, checkpoint save and the previous report's
     # upload (the cost of holding the workers; epoch_time_s is the training steps alone).
     since_report = started_at if started_at is not None else time.perf_counter()
@@ -134,6 +155,7 @@ def train(
         # streams: all functions of (seed, epoch), so resuming at any epoch continues exactly.
         _set_epoch(train_loader, epoch)
         torch.manual_seed(epoch_seed(lp.seed, rank, epoch))
+        np.random.seed(epoch_seed(lp.seed, rank, epoch) % 2**32)  # timm's Mixup draws from numpy
 
         trainer.ddp_model.train()
         set_frozen_norms_eval(model)
@@ -143,6 +165,10 @@ def train(
         # with no val images would never join. Rank 0's buffers first, so every rank scores one model.
         sync_buffers(model)
         val = evaluate(compiled, val_loader, device, num_classes, lp.precision, channels_last)
+        if trainer.ema is not None:  # scored beside the raw weights; the better one is exported
+            sync_buffers(trainer.ema.module)
+            ema_val = evaluate(trainer.ema.module, val_loader, device, num_classes, lp.precision, channels_last)
+            _, val = pick_twin(val, ema_val, spec)
         confusion = val.pop("confusion_matrix")
         state.epoch = epoch + 1
 

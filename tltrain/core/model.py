@@ -37,6 +37,8 @@ class LayerGroup:
 
 def _timm_create(spec: ModelSpec, num_classes: int, pretrained_hub: bool, image_size: int | None) -> nn.Module:
     kwargs: dict[str, Any] = {"pretrained": pretrained_hub, "num_classes": num_classes, "drop_rate": spec.drop_rate}
+    if spec.drop_path_rate > 0:  # only when asked: a model without stochastic depth refuses the argument
+        kwargs["drop_path_rate"] = spec.drop_path_rate
     if image_size is None:
         return timm.create_model(spec.name, **kwargs)
     try:
@@ -56,15 +58,44 @@ def _torchvision_create(spec: ModelSpec, num_classes: int, pretrained_hub: bool,
     if tv_name not in torchvision.models.list_models():
         raise ModelError(f"model.name: torchvision has no model {tv_name!r}")
     weights = "DEFAULT" if pretrained_hub else None
-    model = torchvision.models.get_model(tv_name, weights=weights)
+    # torchvision calls stochastic depth stochastic_depth_prob (EfficientNet, ConvNeXt, Swin, MaxViT).
+    extra = {"stochastic_depth_prob": spec.drop_path_rate} if spec.drop_path_rate > 0 else {}
+    try:
+        model = torchvision.models.get_model(tv_name, weights=weights, **extra)
+    except TypeError as err:
+        if not extra:
+            raise
+        raise ModelError(_no_drop_path(spec.name)) from err
     native = getattr(model, "image_size", None)  # torchvision ViTs: the grid their pos_embedding is for
     if isinstance(native, int) and image_size is not None and image_size != native:
-        resized = torchvision.models.get_model(tv_name, weights=None, image_size=image_size)
+        resized = torchvision.models.get_model(tv_name, weights=None, image_size=image_size, **extra)
         if pretrained_hub:
             resized.load_state_dict(fit_to_model(model.state_dict(), resized))
         model = resized
     _replace_torchvision_head(model, num_classes, spec.drop_rate)
     return model
+
+
+def _no_drop_path(name: str) -> str:
+    return (
+        f"model.drop_path_rate: {name} does not support stochastic depth; set it to 0, or use "
+        "a model with drop_path_rate (timm ResNets, EfficientNets, ConvNeXt, ViTs)"
+    )
+
+
+def drop_path_rates(model: nn.Module) -> list[float]:
+    """The drop probability of every stochastic-depth layer (timm DropPath, torchvision
+    StochasticDepth) in the model, in module order."""
+    from timm.layers import DropPath
+    from torchvision.ops import StochasticDepth
+
+    rates = []
+    for m in model.modules():
+        if isinstance(m, DropPath):
+            rates.append(float(m.drop_prob))
+        elif isinstance(m, StochasticDepth):
+            rates.append(float(m.p))
+    return rates
 
 
 def _create(spec: ModelSpec, num_classes: int, pretrained_hub: bool, image_size: int | None = None) -> nn.Module:
@@ -234,7 +265,15 @@ def build_model(
     another size are resampled to it.
     """
     pretrained_hub = spec.weights == "hub"
-    model = _create(spec, num_classes, pretrained_hub, image_size)
+    try:
+        model = _create(spec, num_classes, pretrained_hub, image_size)
+    except TypeError as err:
+        if spec.drop_path_rate > 0 and "drop_path_rate" in str(err):
+            raise ModelError(_no_drop_path(spec.name)) from None
+        raise
+    # Some constructors take **kwargs and drop what they do not use: check the blocks got it.
+    if spec.drop_path_rate > 0 and not any(r > 0 for r in drop_path_rates(model)):
+        raise ModelError(_no_drop_path(spec.name))
     if weights_file is not None:
         missing, skipped = load_source_weights(model, Path(weights_file), spec.weights_remap)
         if missing:

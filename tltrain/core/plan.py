@@ -15,6 +15,7 @@ from torch import nn
 
 from tltrain.core.model import LayerGroup, ModelError, build_model, layer_groups
 from tltrain.spec.bounds import check_freeze_depth
+from tltrain.spec.metrics import TOP5_MIN_CLASSES, VAL_TOP5
 from tltrain.spec.schema import JobSpec, SpecError
 
 
@@ -33,6 +34,11 @@ class TrainPlan:
     weights_sha256: str | None
     fingerprint: dict[str, Any]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # The held-out test split (data.test or data.test_fraction): evaluated once, after training,
+    # on the selected checkpoint; no worker of the training run ever reads it.
+    test: list[tuple[str, int]] = field(default_factory=list)
+    test_root: str = ""
+    class_weights: list[float] | None = None  # loop.class_weights resolved per label; None = all 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,4 +134,41 @@ def check_batch_norm_batch(spec: JobSpec, model: nn.Module, groups: list[LayerGr
             raise SpecError(
                 f"scaling.batch_size_per_worker: 1 image per micro-batch cannot train {spec.model.name}'s "
                 f"BatchNorm layers ({name} is in a trainable group): use 2 or more, or freeze those groups"
+            )
+
+
+def resolve_class_weights(spec: JobSpec, class_names: list[str], train_labels: list[int]) -> list[float] | None:
+    """loop.class_weights per label. "balanced" is scikit-learn's: n_images / (n_classes x
+    n_images_of_class), from the train split (so the weighted class frequencies are equal and
+    their mean weight per image is 1). A dict names classes; an unknown name is refused."""
+    given = spec.loop.class_weights
+    if given is None:
+        return None
+    if given == "balanced":
+        counts = [0] * len(class_names)
+        for label in train_labels:
+            counts[label] += 1
+        total = len(train_labels)
+        return [total / (len(class_names) * c) for c in counts]
+    unknown = sorted(set(given) - set(class_names))
+    if unknown:
+        raise SpecError(
+            f"loop.class_weights: {unknown} are not classes of data.train (its class folders: "
+            f"{', '.join(class_names[:20])}{', ...' if len(class_names) > 20 else ''})"
+        )
+    return [float(given.get(name, 1.0)) for name in class_names]
+
+
+def check_metrics(spec: JobSpec, num_classes: int) -> None:
+    """val/top5 exists only with >= 5 classes: refuse ranking or searching by it below that."""
+    if num_classes >= TOP5_MIN_CLASSES:
+        return
+    for field_name, metric in (
+        ("storage.metric", spec.storage.metric),
+        ("tune.metric", spec.tune and spec.tune.metric),
+    ):
+        if metric == VAL_TOP5:
+            raise SpecError(
+                f"{field_name}: {VAL_TOP5} needs at least {TOP5_MIN_CLASSES} classes (data.train has {num_classes}); "
+                "use val/acc or val/f1_macro"
             )

@@ -21,18 +21,29 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tltrain.core.checkpoint import CheckpointMeta, LoopState, save_checkpoint
+from tltrain.core.scores import summary_scores
+from tltrain.core.tta import Views, tta_log_probs
 from tltrain.spec.metrics import (
     DATA_WAIT_FRAC,
     EPOCH_TIME_S,
     EPOCH_WALL_S,
+    EXPORTED,
     IMG_PER_S,
     LR_PREFIX,
+    TOP5_MIN_CLASSES,
     TRAIN_LOSS,
     VAL_ACC,
     VAL_ACC_PER_CLASS,
+    VAL_BALANCED_ACC,
     VAL_COUNT,
+    VAL_F1_MACRO,
     VAL_LOSS,
+    VAL_TOP5,
+    Split,
+    Twin,
     better,
+    split_metric,
+    twin_split,
 )
 from tltrain.spec.schema import JobSpec, LoopSpec
 
@@ -105,6 +116,46 @@ def _micro_batches(loader: Iterable[Any], n: int) -> Iterator[list[tuple[torch.T
             group = []
 
 
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def build_loss(lp: LoopSpec, class_weights: list[float] | None, device: torch.device) -> Loss:
+    """loss(logits, target): target is class indices, or (with mixup/cutmix) soft targets that
+    already carry the label smoothing. Class weights weigh each image's loss by its class, as
+    cross_entropy(weight=...) does: a weighted mean, so the loss scale does not move with them."""
+    weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.dim() == 1:
+            return nn.functional.cross_entropy(logits, target, weight=weight, label_smoothing=lp.label_smoothing)
+        logp = nn.functional.log_softmax(logits.float(), dim=-1)
+        if weight is None:  # timm's SoftTargetCrossEntropy
+            return torch.sum(-target * logp, dim=-1).mean()
+        w = target * weight
+        return torch.sum(-w * logp) / w.sum()
+
+    return loss
+
+
+def build_mixup(lp: LoopSpec, num_classes: int) -> Callable[..., Any] | None:
+    """timm's Mixup (batch mode: one lambda per batch, each image mixed with the batch reversed),
+    or None when loop.mixup_alpha and loop.cutmix_alpha are 0. It draws from numpy's global RNG,
+    which the loop reseeds every epoch."""
+    if not lp.mixes:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=lp.mixup_alpha,
+        cutmix_alpha=lp.cutmix_alpha,
+        prob=lp.mix_prob,
+        switch_prob=lp.mix_switch_prob,
+        mode="batch",
+        label_smoothing=lp.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
 @dataclass
 class Trainer:
     """What one optimizer step needs; built once per run (the DDP wrapper is rebuilt on unfreezing)."""
@@ -117,6 +168,9 @@ class Trainer:
     device: torch.device
     lp: LoopSpec
     channels_last: bool
+    loss: Loss
+    mixup: Callable[..., Any] | None = None
+    ema: Any = None  # timm ModelEmaV3 of `model`, updated after every optimizer step; None = off
 
     def train_epoch(self, loader: Any, steps: int, state: LoopState) -> dict[str, float]:
         """`steps` optimizer steps of grad_accum micro-batches; returns this rank's sums."""
@@ -132,6 +186,8 @@ class Trainer:
             for i, (images, labels) in enumerate(micro):
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
+                if self.mixup is not None:  # blends images and turns labels into soft targets
+                    images, labels = self.mixup(images, labels)
                 if self.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 # Gradients are all-reduced only on the last micro-batch of the step.
@@ -139,7 +195,7 @@ class Trainer:
                 with contextlib.nullcontext() if sync else cast(DDP, self.ddp_model).no_sync():
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                         logits = self.ddp_model(images)
-                        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=lp.label_smoothing)
+                        loss = self.loss(logits, labels)
                     # Divided by the accumulation steps: the summed gradient is the mean over the step.
                     self.scaler.scale(loss / lp.grad_accum).backward()
                 loss_sum += loss.detach().double() * images.shape[0]
@@ -152,6 +208,8 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:  # every rank holds the same weights after the step: no collective
+                self.ema.update(self.model)
             state.global_step += 1
             t_fetch = time.perf_counter()
         if device.type == "cuda":
@@ -177,14 +235,25 @@ def epoch_metrics(sums: dict[str, float], device: torch.device) -> dict[str, flo
 
 
 def evaluate(
-    model: nn.Module, loader: Any, device: torch.device, num_classes: int, precision: str, channels_last: bool
+    model: nn.Module,
+    loader: Any,
+    device: torch.device,
+    num_classes: int,
+    precision: str,
+    channels_last: bool,
+    *,
+    split: str = Split.VAL,
+    views: Views | None = None,
 ) -> dict[str, Any]:
-    """Loss, top-1 and per-class accuracy over the whole val set: each rank evaluates its shard
-    (no padding) and the sums are all-reduced."""
+    """Loss, top-1, macro-F1, balanced accuracy, top-5 (with >= 5 classes) and per-class accuracy
+    over the whole split, named <split>/<key>: each rank evaluates its shard (no padding) and the
+    confusion matrix and sums are all-reduced. `views` (test-time augmentation) averages the
+    predicted probabilities over views of each batch (core/tta.py)."""
     model.eval()
     dtype = autocast_dtype(precision)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, top-5 hits
     confusion = torch.zeros((num_classes, num_classes), dtype=torch.int64, device=device)
+    k = min(5, num_classes)
     with torch.no_grad():
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
@@ -192,24 +261,55 @@ def evaluate(
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = model(images)
-            loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").double()
-            preds = logits.argmax(dim=1)
+                logp = tta_log_probs(model, images, views)
+            sums[0] += nn.functional.nll_loss(logp, labels, reduction="sum").double()
+            sums[1] += (logp.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum().double()
+            preds = logp.argmax(dim=1)
             confusion += torch.bincount(labels * num_classes + preds, minlength=num_classes**2).view(
                 num_classes, num_classes
             )
-    _all_reduce(loss_sum)
+    _all_reduce(sums)
     _all_reduce(confusion)
     total = int(confusion.sum())
-    correct = int(confusion.diag().sum())
     per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1).double()).tolist()
-    return {
-        VAL_LOSS: float(loss_sum) / max(total, 1),
-        VAL_ACC: correct / max(total, 1),
-        VAL_ACC_PER_CLASS: per_class,
-        VAL_COUNT: total,
+    scores = summary_scores(confusion.cpu().tolist())
+    out: dict[str, Any] = {
+        split_metric(split, VAL_LOSS): float(sums[0]) / max(total, 1),
+        split_metric(split, VAL_ACC): scores["acc"],
+        split_metric(split, VAL_F1_MACRO): scores["f1_macro"],
+        split_metric(split, VAL_BALANCED_ACC): scores["balanced_acc"],
+        split_metric(split, VAL_ACC_PER_CLASS): per_class,
+        split_metric(split, VAL_COUNT): total,
         "confusion_matrix": confusion.cpu().tolist(),
     }
+    if num_classes >= TOP5_MIN_CLASSES:
+        out[split_metric(split, VAL_TOP5)] = float(sums[1]) / max(total, 1)
+    return out
+
+
+def selection_metric(spec: JobSpec) -> tuple[str, str]:
+    """(val metric, mode) that picks the exported twin when EMA is on: storage.metric when it is a
+    val/ metric, else val/acc (a throughput or train-loss metric says nothing about which weights
+    generalise)."""
+    if spec.storage.metric.startswith(f"{Split.VAL}/"):
+        return spec.storage.metric, spec.storage.mode
+    return VAL_ACC, "max"
+
+
+def pick_twin(raw: dict[str, Any], ema: dict[str, Any], spec: JobSpec) -> tuple[str, dict[str, Any]]:
+    """Which of the raw and EMA weights this checkpoint exports (EMA only if strictly better by the
+    selection metric), and the epoch's val metrics: val/* are the exported twin's, val_raw/* and
+    val_ema/* both twins' (the selected one's confusion matrix stays under "confusion_matrix")."""
+    metric, mode = selection_metric(spec)
+    exported = Twin.EMA if better(ema[metric], raw[metric], mode) and ema[metric] != raw[metric] else Twin.RAW
+    chosen = ema if exported == Twin.EMA else raw
+    out: dict[str, Any] = dict(chosen)
+    for twin, values in ((Twin.RAW, raw), (Twin.EMA, ema)):
+        for key, value in values.items():
+            if key.startswith(f"{Split.VAL}/") and not isinstance(value, list):
+                out[split_metric(twin_split(Split.VAL, twin), key)] = value
+    out[EXPORTED] = exported
+    return exported, out
 
 
 def apply_stop_rule(metrics: dict[str, Any], state: LoopState, spec: JobSpec) -> bool:
@@ -251,10 +351,19 @@ def save_and_report(
         meta.metrics = {k: v for k, v in metrics.items() if not k.startswith(LR_PREFIX)}
         meta.confusion_matrix = confusion
         meta.loop_state = state
+        meta.exported_weights = str(metrics.get(EXPORTED, Twin.RAW))
         train_state = {
             "optimizer": trainer.optimizer.state_dict(),
             "scheduler": trainer.scheduler.state_dict(),
             "scaler": trainer.scaler.state_dict(),
         }
-        save_checkpoint(ckpt_dir, trainer.model.state_dict(), train_state, meta)
+        raw = trainer.model.state_dict()
+        if trainer.ema is None:
+            save_checkpoint(ckpt_dir, raw, train_state, meta)
+        else:
+            # model.safetensors holds the exported twin (what registry, serving and --set model.weights
+            # read); the other twin goes beside it, so a resume restores both.
+            ema = trainer.ema.module.state_dict()
+            exported, twin = (ema, (Twin.RAW, raw)) if meta.exported_weights == Twin.EMA else (raw, (Twin.EMA, ema))
+            save_checkpoint(ckpt_dir, exported, train_state, meta, twin=twin)
         report(metrics, ckpt_dir)

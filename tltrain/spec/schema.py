@@ -45,6 +45,13 @@ class ModelSpec(_Section):
         "EfficientNet-Lite0 .pth into timm's tf_efficientnet_lite0)",
     )
     drop_rate: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout before the new head")
+    drop_path_rate: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="stochastic depth: the deepest residual block is skipped with this probability (timm "
+        "drop_path_rate; torchvision stochastic_depth_prob); refused for models without it",
+    )
 
 
 class DataSpec(_Section):
@@ -56,6 +63,18 @@ class DataSpec(_Section):
         lt=1.0,
         description="seeded per-class split of train used for validation when val is unset",
     )
+    test: str | None = Field(
+        default=None,
+        description="ImageFolder root of a held-out test split: never used for any choice, evaluated once at the "
+        "end on the selected checkpoint; or set test_fraction",
+    )
+    test_fraction: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="stratified per-class share of data.train held out as the test split, drawn with split_seed "
+        "before the val split (so it never moves with loop.seed or a searched knob)",
+    )
     split_seed: int = Field(
         default=0,
         description="seed of the val_fraction split and the max_images_per_class cap; apart from loop.seed so "
@@ -64,9 +83,33 @@ class DataSpec(_Section):
     image_size: int | None = Field(
         default=None, ge=16, le=1024, description="train/eval resolution; null = the model's pretrained config"
     )
-    augment: Literal["none", "light", "randaugment"] = Field(
+    augment: Literal["none", "light", "randaugment", "trivialaugment"] = Field(
         default="light",
-        description="none = resize+crop; light = random-resized-crop + flip; randaugment = timm rand-m9",
+        description="none = resize+crop; light = random-resized-crop + flip; randaugment = timm rand-m9; "
+        "trivialaugment = torchvision TrivialAugmentWide (one random op per image, no magnitude to tune)",
+    )
+    crop_scale: tuple[float, float] | None = Field(
+        default=None,
+        description="random-resized-crop area range [low, high] (fractions of the image); null = 0.5-1 for light, "
+        "timm's ImageNet 0.08-1 for randaugment and trivialaugment",
+    )
+    orientation: Literal["natural", "dihedral"] = Field(
+        default="natural",
+        description="natural = horizontal flips only (photos have an up); dihedral = any of the 8 flips and 90 "
+        "degree rotations, for industrial, medical, satellite and microscopy images",
+    )
+    random_erasing: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="probability of erasing a random box of each training image (timm)"
+    )
+    sampler: Literal["shuffle", "balanced"] = Field(
+        default="shuffle",
+        description="shuffle = each image once per epoch; balanced = classes drawn equally often (with "
+        "replacement), the same number of batches on every rank",
+    )
+    tta: Literal["none", "flip", "dihedral"] = Field(
+        default="none",
+        description="test-time augmentation of the test split (and the registered model): flip = average over "
+        "the image and its mirror; dihedral = over the 8 orientations (needs orientation dihedral)",
     )
     loader_workers: int = Field(default=2, ge=0, description="DataLoader worker processes per Ray worker")
     on_bad_image: Literal["error", "skip"] = Field(
@@ -99,6 +142,32 @@ class DataSpec(_Section):
         if (self.format == "shards" or self.decode == "nvjpeg") and self.augment == "randaugment":
             raise ValueError(
                 "data.augment randaugment runs on CPU only: use data.format imagefolder with data.decode cpu"
+            )
+        if (self.format == "shards" or self.decode == "nvjpeg") and (
+            self.augment == "trivialaugment" or self.random_erasing > 0
+        ):
+            raise ValueError(
+                "data.augment trivialaugment and data.random_erasing run on CPU only: use data.format imagefolder "
+                "with data.decode cpu"
+            )
+        if self.test is not None and self.test_fraction is not None:
+            raise ValueError("data: set either data.test or data.test_fraction, not both")
+        if self.crop_scale is not None and not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+            raise ValueError(f"data.crop_scale {list(self.crop_scale)}: need 0 < low <= high <= 1, e.g. [0.5, 1.0]")
+        if self.crop_scale is not None and self.augment == "none":
+            raise ValueError(
+                "data.crop_scale sets the random crops of data.augment light, randaugment or trivialaugment; "
+                "augment none takes the centre crop: pick one of those or drop data.crop_scale"
+            )
+        if self.test is not None and self.test in (self.train, self.val):
+            raise ValueError(
+                f"data.test {self.test} is also data.{'train' if self.test == self.train else 'val'}: a test split must "
+                "hold images no choice was made on; point it at a separate folder or use data.test_fraction"
+            )
+        if self.tta == "dihedral" and self.orientation != "dihedral":
+            raise ValueError(
+                "data.tta dihedral averages over rotations the model never saw: set data.orientation dihedral, "
+                "or use data.tta flip"
             )
         if self.format == "shards" and self.decode != "cpu":
             raise ValueError("data.decode applies to data.format imagefolder (shards are already decoded)")
@@ -196,6 +265,43 @@ class LoopSpec(_Section):
         default=True, description="fp32 matmuls/convolutions on CUDA use TF32 tensor cores (Ampere and later)"
     )
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0, description="cross-entropy label smoothing")
+    ema_decay: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="keep an exponential moving average of the weights (timm ModelEmaV3, e.g. 0.999), evaluated "
+        "each epoch beside the raw weights; each checkpoint exports whichever of the two scores better by "
+        "storage.metric; null = off",
+    )
+    mixup_alpha: float = Field(
+        default=0.0, ge=0.0, description="mixup: Beta(alpha, alpha) blend of image pairs and their labels; 0 = off"
+    )
+    cutmix_alpha: float = Field(
+        default=0.0, ge=0.0, description="cutmix: paste a Beta(alpha, alpha)-sized box from another image; 0 = off"
+    )
+    mix_prob: float = Field(default=1.0, gt=0.0, le=1.0, description="share of batches mixed (mixup/cutmix on)")
+    mix_switch_prob: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="with both on: probability a mixed batch uses cutmix over mixup"
+    )
+    class_weights: Literal["balanced"] | dict[str, float] | None = Field(
+        default=None,
+        description='loss weight per class: "balanced" = inverse class frequency in the train split (mean 1); '
+        "{class name: weight} to set them (unlisted classes 1); null = all 1",
+    )
+
+    @field_validator("class_weights")
+    @classmethod
+    def _positive_weights(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            bad = {k: w for k, w in v.items() if not w > 0}
+            if bad:
+                raise ValueError(f"class weights must be > 0: {bad}")
+        return v
+
+    @property
+    def mixes(self) -> bool:
+        """Whether batches are mixed (mixup and/or cutmix): the loss then takes soft targets."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
 
 class ScalingSpec(_Section):
@@ -305,6 +411,11 @@ class JobSpec(_Section):
             raise ValueError("data: set either data.val or data.val_fraction, not both")
         if self.data.val is None and self.data.val_fraction is None:
             raise ValueError("data: set data.val (a folder) or data.val_fraction (e.g. 0.1)")
+        if self.loop.mixes and self.scaling.batch_size_per_worker % 2:
+            raise ValueError(
+                f"loop.mixup_alpha/cutmix_alpha mix each batch with its reverse (timm Mixup), which needs an even "
+                f"scaling.batch_size_per_worker (got {self.scaling.batch_size_per_worker}): use 2 or more, even"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -36,6 +36,10 @@ _FIXED = {
     "data.train": "where the validation images come from (val_fraction splits it); trials must share one val set",
     "data.val": "the validation set; trials must share one to be compared",
     "data.val_fraction": "the validation split; trials must share one val set to be compared",
+    # The held-out split: no choice may depend on it, and every trial is scored on the same one.
+    "data.test": "the held-out test set: never searched, only reported for the best trial",
+    "data.test_fraction": "the held-out test split: never searched, only reported for the best trial",
+    "data.tta": "test-time augmentation of the held-out split, which no trial is ranked on",
     "data.split_seed": "the validation split; trials must share one val set to be compared",
 }
 
