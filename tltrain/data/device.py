@@ -32,9 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 
 from tltrain.data.folder import DataError, Sample, local_root
+from tltrain.data.loaders import LIGHT_SCALE, BalancedEpochSampler, train_crop_scale
+from tltrain.data.orientation import dihedral_batch
 from tltrain.spec.schema import JobSpec
 
 INDEX_FILE = "index.json"
@@ -42,8 +44,8 @@ FORMAT_NAME = "tltrain-shards"
 FORMAT_VERSION = 1
 # The data_config keys that decide which pixels a shard holds (mean/std are applied at load time).
 GEOMETRY_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation")
-# The CPU path's "light" augmentation (data.build_transform): random-resized-crop scale and ratio, flip.
-LIGHT_SCALE = (0.5, 1.0)
+# The CPU path's "light" augmentation (data.build_transform): random-resized-crop scale (the default
+# of data.crop_scale, loaders.LIGHT_SCALE) and ratio, flip.
 LIGHT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -113,7 +115,12 @@ def sample_crop_boxes(
 
 @dataclass
 class DeviceAugment:
-    """uint8 images on the device -> normalized float images for the model (train or eval)."""
+    """uint8 images on the device -> normalized float images for the model (train or eval).
+
+    `dihedral` (data.orientation dihedral, training only): each image in one of the 8 flips /
+    quarter turns, k drawn per image from the generator (`orientations`), instead of the coin-flip
+    mirror; also after the centre crop of augment none, as on the CPU path. Crops are square, so
+    every view has the batch's shape."""
 
     image_size: int
     mean: tuple[float, ...]
@@ -125,6 +132,8 @@ class DeviceAugment:
     crop_pct: float
     generator: torch.Generator
     seed: int = 0  # set_epoch reseeds the generator from (seed, epoch)
+    scale: tuple[float, float] = LIGHT_SCALE  # random-resized-crop area range (data.crop_scale)
+    dihedral: bool = False
 
     def set_epoch(self, epoch: int) -> None:
         """Each epoch's crops and flips from (seed, epoch) alone, so a resumed run draws the same."""
@@ -154,9 +163,17 @@ class DeviceAugment:
     def _coin_flips(self, n: int) -> torch.Tensor:
         return (torch.rand(n, generator=self.generator) < 0.5).to(torch.float32)
 
-    @staticmethod
-    def _flip(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-        return torch.where(flips.view(-1, 1, 1, 1) > 0.5, x.flip(3), x)
+    def orientations(self, n: int) -> torch.Tensor:
+        """The next n per-image views (float 0..7, CPU): the mirror coin (0 or 4) for natural, any
+        of the 8 dihedral views for dihedral. One draw per image, from the augment's generator."""
+        if self.dihedral:
+            return torch.randint(0, 8, (n,), generator=self.generator).to(torch.float32)
+        return self._coin_flips(n) * 4.0  # view 4 = mirrored left-right (data/orientation)
+
+    def _orient(self, x: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        if self.dihedral:
+            return dihedral_batch(x, views)
+        return torch.where(views.view(-1, 1, 1, 1) > 0.5, x.flip(3), x)
 
     def squares(self, u8_nhwc: torch.Tensor) -> torch.Tensor:
         """A batch of stored squares [n, S, S, 3] uint8 (shards)."""
@@ -164,14 +181,17 @@ class DeviceAugment:
         s = self.image_size
         if not self.train:
             o = center_offset(size, s)
-            return self._normalize(u8_nhwc[:, o : o + s, o : o + s, :].permute(0, 3, 1, 2).float())
+            x = u8_nhwc[:, o : o + s, o : o + s, :].permute(0, 3, 1, 2).float()
+            if self.dihedral:
+                x = dihedral_batch(x, self._to_device(self.orientations(n), u8_nhwc.device))
+            return self._normalize(x)
         from torchvision.ops import roi_align
 
         sizes = torch.full((n,), float(size))
-        boxes = sample_crop_boxes(sizes, sizes, LIGHT_SCALE, LIGHT_RATIO, self.generator)
-        # Batch index, box, flip: one small copy, sent before any heavy work is queued.
+        boxes = sample_crop_boxes(sizes, sizes, self.scale, LIGHT_RATIO, self.generator)
+        # Batch index, box, view: one small copy, sent before any heavy work is queued.
         params = self._to_device(
-            torch.cat([torch.arange(n, dtype=torch.float32)[:, None], boxes, self._coin_flips(n)[:, None]], dim=1),
+            torch.cat([torch.arange(n, dtype=torch.float32)[:, None], boxes, self.orientations(n)[:, None]], dim=1),
             u8_nhwc.device,
         )
         # One kernel crops and resizes the whole batch (bilinear; `sampling_ratio=-1` averages
@@ -179,7 +199,7 @@ class DeviceAugment:
         x = roi_align(
             u8_nhwc.permute(0, 3, 1, 2).float(), params[:, :5], output_size=(s, s), sampling_ratio=-1, aligned=True
         )
-        return self._normalize(self._flip(x, params[:, 5]))
+        return self._normalize(self._orient(x, params[:, 5]))
 
     def images(self, chw_list: Sequence[torch.Tensor]) -> torch.Tensor:
         """Whole decoded images of any size, uint8 [3, H, W] each (nvjpeg)."""
@@ -189,12 +209,12 @@ class DeviceAugment:
         if self.train:
             hs = torch.tensor([float(im.shape[1]) for im in chw_list])
             ws = torch.tensor([float(im.shape[2]) for im in chw_list])
-            boxes = sample_crop_boxes(hs, ws, LIGHT_SCALE, LIGHT_RATIO, self.generator).long().tolist()
-            flips = self._to_device(self._coin_flips(len(chw_list)), chw_list[0].device)
+            boxes = sample_crop_boxes(hs, ws, self.scale, LIGHT_RATIO, self.generator).long().tolist()
+            views = self._to_device(self.orientations(len(chw_list)), chw_list[0].device)
             for im, (x1, y1, x2, y2) in zip(chw_list, boxes):
                 crop = im[None, :, y1:y2, x1:x2].float()
                 out.append(F.interpolate(crop, size=(s, s), mode=mode, antialias=True, align_corners=False))
-            return self._normalize(self._flip(torch.cat(out).clamp_(0, 255), flips))
+            return self._normalize(self._orient(torch.cat(out).clamp_(0, 255), views))
         scale = math.floor(s / self.crop_pct)
         for im in chw_list:
             h, w = im.shape[1], im.shape[2]
@@ -203,7 +223,10 @@ class DeviceAugment:
             r = F.interpolate(im[None].float(), size=(nh, nw), mode=mode, antialias=True, align_corners=False)
             t, left = center_offset(nh, s), center_offset(nw, s)
             out.append(r[:, :, t : t + s, left : left + s])
-        return self._normalize(torch.cat(out).clamp_(0, 255))
+        x = torch.cat(out).clamp_(0, 255)
+        if self.dihedral:
+            x = dihedral_batch(x, self._to_device(self.orientations(len(chw_list)), x.device))
+        return self._normalize(x)
 
 
 def build_augment(
@@ -214,7 +237,9 @@ def build_augment(
     seed: int,
     autocast: torch.dtype | None,
 ) -> DeviceAugment:
-    """`autocast`: the dtype the step computes in (None = fp32); on CUDA images leave in it."""
+    """`autocast`: the dtype the step computes in (None = fp32); on CUDA images leave in it.
+    Training: data.augment light crops within data.crop_scale; data.orientation dihedral turns and
+    mirrors (with augment none too). Eval: the centre crop only."""
     dtype = autocast if (device.type == "cuda" and autocast is not None) else torch.float32
     return DeviceAugment(
         image_size=image_size_of(data_config),
@@ -227,6 +252,8 @@ def build_augment(
         crop_pct=float(data_config["crop_pct"]),
         generator=torch.Generator().manual_seed(seed),
         seed=seed,
+        scale=train_crop_scale(spec.data),
+        dihedral=train and spec.data.orientation == "dihedral",
     )
 
 
@@ -309,13 +336,21 @@ def host_loader(
     return DataLoader(dataset, sampler=batch_sampler, batch_size=None, **kwargs)
 
 
-def train_sampler(n: int, batch: int, rank: int, world_size: int, seed: int) -> tuple[DistributedSampler, BatchSampler]:
+def train_sampler(
+    n: int, batch: int, rank: int, world_size: int, seed: int, balanced_labels: Sequence[int] | None = None
+) -> tuple[Sampler, BatchSampler]:
+    """(sampler with set_epoch, its batches) for n training images. `balanced_labels` (the images'
+    labels, data.sampler balanced): the CPU path's BalancedEpochSampler, yielding plain indices
+    (device augmentation is seeded per epoch, not per sample); else the CPU path's shuffle."""
     per_rank = n // world_size
     if per_rank < batch:
         raise DataError(
             f"{n} training images give each of {world_size} worker(s) {per_rank}, fewer than "
             f"scaling.batch_size_per_worker={batch}, so no full batch exists: lower the batch size or add images"
         )
+    if balanced_labels is not None:
+        balanced = BalancedEpochSampler(balanced_labels, world_size, rank, seed, keyed=False)
+        return balanced, BatchSampler(balanced, batch, drop_last=True)
     # The CPU path's sampler (same seed, same set_epoch), so both paths see the same order.
     sampler: DistributedSampler[int] = DistributedSampler(
         range(n),  # type: ignore[arg-type]  # torch: only len() is used; any sized sequence works
@@ -450,7 +485,8 @@ def build_shard_loaders(
     train_ds = ShardBatches(
         root, index["splits"]["train"], train_rows, np.array([y for _, y in train_rel], dtype=np.int64)
     )
-    sampler, batches = train_sampler(len(train_ds), batch, rank, world_size, seed)
+    labels = [y for _, y in train_rel] if spec.data.sampler == "balanced" else None
+    sampler, batches = train_sampler(len(train_ds), batch, rank, world_size, seed, labels)
     train_aug = build_augment(spec, plan.data_config, True, device, seed * 65537 + rank, autocast)
 
     def train_to_device(host: Batch) -> Batch:

@@ -1,5 +1,5 @@
-"""ImageFolder datasets: scan and check a tree, split train/val, fingerprint: the exact sample
-lists every worker will use.
+"""ImageFolder datasets: scan and check a tree, split test/train/val, fingerprint: the exact sample
+lists every worker will use (and the held-out test split scored once at the end).
 
 `plan_dataset` runs on the driver before any Ray worker starts, so a bad folder fails the job in
 seconds with a message naming the file and the fix. Remote roots (s3://) are read through a
@@ -49,6 +49,10 @@ class DatasetPlan:
     fingerprint: dict[str, Any]  # class_names, num_files, sha256 of sorted (relative path, size)
     train_root: str  # the local directories that were scanned (cache copies for s3:// roots)
     val_root: str
+    # The held-out test split (data.test or data.test_fraction; empty without either): never in
+    # train or val. test_root is the folder its paths start with ("" without a test split).
+    test: list[Sample] = field(default_factory=list)
+    test_root: str = ""
 
 
 def local_root(uri: str) -> str:
@@ -177,22 +181,68 @@ def fingerprint(indexes: dict[str, FolderIndex], class_names: list[str]) -> dict
     return {"class_names": list(class_names), "num_files": len(entries), "sha256": h.hexdigest()}
 
 
+def _scan_like_train(
+    data: DataSpec, root: str, field_name: str, classes: list[str], localize: Callable[[str], str]
+) -> FolderIndex:
+    """A data.val / data.test folder: scanned like data.train, with the same class folders (the
+    labels are folder positions, so any difference would silently mislabel images)."""
+    idx = scan_image_folder(root, data.on_bad_image, field_name=field_name, localize=localize)
+    if idx.class_names != classes:
+        missing = sorted(set(classes) - set(idx.class_names))
+        extra = sorted(set(idx.class_names) - set(classes))
+        raise DataError(
+            f"{field_name} ({root}) and data.train ({data.train}) must have the same class folders: "
+            f"missing in {field_name}: {missing or 'none'}; extra in {field_name}: {extra or 'none'}"
+        )
+    return idx
+
+
+def _hold_out_test(
+    data: DataSpec, fraction: float, seed: int, classes: list[str], per_class: list[list[Sample]]
+) -> tuple[list[Sample], list[list[Sample]]]:
+    """(test samples, what is left of each class): max(1, round(n * fraction)) images per class,
+    from its own seeded stream. Drawn before the val split and the cap, so the test split depends
+    only on the folder content, split_seed and test_fraction: changing val_fraction,
+    max_images_per_class or loop.seed (or searching them) never moves an image into or out of it."""
+    # What must stay behind: a train image, plus a val image when val comes out of train too.
+    keep = 2 if data.val is None and data.val_fraction is not None else 1
+    test: list[Sample] = []
+    rest: list[list[Sample]] = []
+    for name, items in zip(classes, per_class):
+        n_test = max(1, round(len(items) * fraction))
+        if len(items) - n_test < keep:
+            raise DataError(
+                f"data.test_fraction: class {name} of {data.train} has {len(items)} image(s); holding out "
+                f"{n_test} for the test split leaves fewer than {keep} for {'train and val' if keep == 2 else 'train'}: "
+                "add images, or set data.test to a separate folder"
+            )
+        shuffled = items[:]
+        _rng(seed, "test", name).shuffle(shuffled)
+        held = set(shuffled[:n_test])
+        test.extend(sorted(held))
+        rest.append([s for s in items if s not in held])  # the scan's order, as without a test split
+    return test, rest
+
+
 def plan_dataset(data: DataSpec, seed: int, localize: Callable[[str], str] = local_root) -> DatasetPlan:
-    """Scan data.train (and data.val), check classes, split and cap: the exact sample lists every
-    worker will use. Deterministic for a given seed and folder content."""
+    """Scan data.train (and data.val, data.test), check classes, split and cap: the exact sample
+    lists every worker will use, and the held-out test split. Deterministic for a given seed and
+    folder content. Order: the test split first (data.test, or data.test_fraction of data.train),
+    then val from what is left (data.val_fraction), then the train cap."""
     train_idx = scan_image_folder(data.train, data.on_bad_image, field_name="data.train", localize=localize)
     classes = train_idx.class_names
     indexes = {"train": train_idx}
     per_class = _by_class(train_idx.samples, len(classes))
+    test: list[Sample] = []
+    test_root = ""
+    if data.test is not None:
+        indexes["test"] = _scan_like_train(data, data.test, "data.test", classes, localize)
+        test, test_root = list(indexes["test"].samples), indexes["test"].root
+    elif data.test_fraction is not None:
+        test, per_class = _hold_out_test(data, data.test_fraction, seed, classes, per_class)
+        test_root = train_idx.root
     if data.val is not None:
-        val_idx = scan_image_folder(data.val, data.on_bad_image, field_name="data.val", localize=localize)
-        if val_idx.class_names != classes:
-            missing = sorted(set(classes) - set(val_idx.class_names))
-            extra = sorted(set(val_idx.class_names) - set(classes))
-            raise DataError(
-                f"data.val ({data.val}) and data.train ({data.train}) must have the same class folders: "
-                f"missing in data.val: {missing or 'none'}; extra in data.val: {extra or 'none'}"
-            )
+        val_idx = _scan_like_train(data, data.val, "data.val", classes, localize)
         indexes["val"] = val_idx
         val = list(val_idx.samples)
         train_by_class = per_class
@@ -217,6 +267,8 @@ def plan_dataset(data: DataSpec, seed: int, localize: Callable[[str], str] = loc
         if data.max_images_per_class is not None and len(items) > data.max_images_per_class:
             items = sorted(_rng(seed, "cap", name).sample(items, data.max_images_per_class))
         train.extend(items)
-    skipped = train_idx.skipped + (indexes["val"].skipped if "val" in indexes else [])
+    skipped = [s for idx in indexes.values() for s in idx.skipped]  # train, then test, then val
     val_root = indexes["val"].root if "val" in indexes else train_idx.root
-    return DatasetPlan(classes, train, val, skipped, fingerprint(indexes, classes), train_idx.root, val_root)
+    return DatasetPlan(
+        classes, train, val, skipped, fingerprint(indexes, classes), train_idx.root, val_root, test, test_root
+    )

@@ -10,19 +10,22 @@ import logging
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
 from timm.data import resolve_data_config as _timm_resolve_data_config
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from timm.data.random_erasing import RandomErasing
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision import transforms as T
 
 from tltrain.data.decode import load_rgb
 from tltrain.data.folder import DataError, Sample
+from tltrain.data.orientation import dihedral_view
 from tltrain.spec.bounds import check_batch
-from tltrain.spec.schema import TORCHVISION_PREFIX
+from tltrain.spec.schema import TORCHVISION_PREFIX, DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -66,27 +69,99 @@ def _torchvision_data_config(name: str, image_size: int | None) -> dict[str, Any
     }
 
 
+# The random-resized-crop area range of data.augment light (data.crop_scale null): gentler than
+# ImageNet's 0.08-1 (timm's, kept for randaugment / trivialaugment), since a small fine-tuning set
+# loses too much of each object at 8%. The device paths use the same constant.
+LIGHT_SCALE = (0.5, 1.0)
+IMAGENET_SCALE = (0.08, 1.0)
+_DEFAULT_DATA = DataSpec(train="")  # DataSpec's defaults: augment light, orientation natural, ...
+
+
+class RandomDihedral:
+    """One of the 8 flips / quarter turns of a CHW tensor, uniformly (`k` forces one view, for
+    tests). Draws from torch's RNG, which `_seeded` seeds per sample like timm's own ops, so a
+    resumed run draws the same views."""
+
+    def __init__(self, k: int | None = None) -> None:
+        self.k = k
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.k if self.k is not None else int(torch.randint(8, ()).item())
+        return dihedral_view(x, k)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(k={self.k})"
+
+
+def train_crop_scale(data: DataSpec) -> tuple[float, float]:
+    """data.crop_scale, or the augment's default (light 0.5-1; randaugment / trivialaugment 0.08-1)."""
+    if data.crop_scale is not None:
+        return (float(data.crop_scale[0]), float(data.crop_scale[1]))
+    return LIGHT_SCALE if data.augment == "light" else IMAGENET_SCALE
+
+
 def build_transform(
-    data_config: dict[str, Any], train: bool, augment: Literal["none", "light", "randaugment"] = "light"
+    data_config: dict[str, Any], train: bool, data: DataSpec | None = None
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """timm transform: eval = resize + centre crop by crop_pct; light = random-resized-crop
-    (scale 0.5-1, gentler than ImageNet's 0.08 for small fine-tuning sets) + hflip; randaugment
-    = timm's rand-m9-mstd0.5 with the ImageNet crop."""
+    """timm-based transform for the model's data_config; `data` (None = DataSpec's defaults) picks
+    the training augmentation. Eval (train False) is always timm's resize + centre crop by crop_pct,
+    whatever `data` says: the val / test scores and the registered model see the same pixels.
+
+    Training, by data.augment: none = the eval transform; light = random-resized-crop + hflip;
+    randaugment = that + timm's rand-m9-mstd0.5; trivialaugment = that + torchvision's
+    TrivialAugmentWide (timm has no TrivialAugment: timm's pipeline is built in its three stages
+    and the op goes where timm puts its own auto-augment, between the crop/flip and ToTensor, on the
+    PIL image). The crop's area range is data.crop_scale (`train_crop_scale`). Then, on the
+    normalized CHW tensor: random erasing (timm's RandomErasing, per-pixel noise, one box, with
+    probability data.random_erasing: what timm's re_prob adds, appended here for every augment so
+    `none` gets it too), and with data.orientation dihedral a `RandomDihedral` view last; timm's own
+    hflip is off then, since the 8 views already include the mirror (keeping it would make
+    mirrored views twice as likely as the others). Dihedral views need a square input size."""
+    data = data or _DEFAULT_DATA
     cfg: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data_config.items()}
-    if not train or augment == "none":
+    if not train:
         return create_transform(**cfg, is_training=False)
-    if augment == "light":
-        # timm handles color_jitter=None (no jitter), but its type hint leaves None out.
-        return create_transform(**cfg, is_training=True, scale=(0.5, 1.0), hflip=0.5, color_jitter=None)  # type: ignore[arg-type]
-    if augment == "randaugment":
-        return create_transform(**cfg, is_training=True, auto_augment="rand-m9-mstd0.5")
-    raise ValueError(f"data.augment: unknown value {augment!r}; use none, light or randaugment")
+    dihedral = data.orientation == "dihedral"
+    if dihedral and cfg["input_size"][-1] != cfg["input_size"][-2]:
+        raise DataError(
+            f"data.orientation dihedral needs a square input size (quarter turns), the model's is "
+            f"{cfg['input_size'][-2]}x{cfg['input_size'][-1]}: set data.image_size"
+        )
+    hflip = 0.0 if dihedral else 0.5
+    # No colour jitter: timm turns it off under its auto-augment anyway, and handles None (its type
+    # hint leaves None out, hence the dict).
+    common: dict[str, Any] = {
+        "is_training": True,
+        "scale": train_crop_scale(data),
+        "hflip": hflip,
+        "color_jitter": None,
+    }
+    if data.augment == "none":
+        steps = list(cast(T.Compose, create_transform(**cfg, is_training=False)).transforms)
+    elif data.augment == "light":
+        steps = list(cast(T.Compose, create_transform(**cfg, **common)).transforms)
+    elif data.augment == "randaugment":
+        steps = list(cast(T.Compose, create_transform(**cfg, **common, auto_augment="rand-m9-mstd0.5")).transforms)
+    elif data.augment == "trivialaugment":
+        stages = cast(tuple[T.Compose, T.Compose, T.Compose], create_transform(**cfg, **common, separate=True))
+        steps = [*stages[0].transforms, T.TrivialAugmentWide(), *stages[1].transforms, *stages[2].transforms]
+    else:
+        raise ValueError(
+            f"data.augment: unknown value {data.augment!r}; use none, light, randaugment or trivialaugment"
+        )
+    if data.random_erasing > 0:
+        steps.append(RandomErasing(data.random_erasing, mode="pixel", max_count=1, device="cpu"))
+    if dihedral:
+        steps.append(RandomDihedral())
+    return T.Compose(steps)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The augmentation seed of one sample in one epoch: a function of nothing else, so a resumed
     run (fresh loader workers, any worker count) draws exactly the crops and flips an uninterrupted
-    run would. (String seeds hash deterministically, as data/folder.py's split streams do.)"""
+    run would. (String seeds hash deterministically, as data/folder.py's split streams do.)
+    `index`: the image's index (shuffle sampler, each image once an epoch) or the draw's position
+    in the epoch (balanced sampler, where one image can be drawn twice and gets two crops)."""
     return random.Random(f"augment:{seed}:{epoch}:{index}").getrandbits(63)
 
 
@@ -119,6 +194,54 @@ class EpochSampler(DistributedSampler):  # items are (epoch, index), not ints
         return ((self.epoch, i) for i in super().__iter__())
 
 
+class BalancedEpochSampler(Sampler):
+    """data.sampler balanced: every class equally often, whatever its image count.
+
+    Each epoch makes `num_replicas * per_rank` draws (per_rank = len(labels) // num_replicas, the
+    shuffle sampler's drop_last count, so an epoch has as many steps as with shuffle); a draw picks
+    a class uniformly, then one of its images uniformly, with replacement. The draws come from a
+    generator seeded by (seed, epoch) alone, identical on every rank and on a resumed run; rank r
+    takes draws[r::num_replicas], so every rank gets the same number of batches (DDP needs that).
+    Only classes with a training image are drawn.
+
+    keyed=True (the CPU ImageListDataset) yields (epoch, index, draw position) keys: each draw's
+    augmentation is seeded from its position, so an image drawn twice gets two different crops;
+    keyed=False (the device paths, which seed augmentation per batch) yields plain indices."""
+
+    def __init__(self, labels: Sequence[int], num_replicas: int, rank: int, seed: int, *, keyed: bool = True) -> None:
+        by_class: dict[int, list[int]] = {}
+        for i, y in enumerate(labels):
+            by_class.setdefault(int(y), []).append(i)
+        groups = [by_class[c] for c in sorted(by_class)]
+        self._flat = torch.tensor([i for g in groups for i in g], dtype=torch.int64)
+        self._sizes = torch.tensor([len(g) for g in groups], dtype=torch.int64)
+        self._starts = torch.cumsum(self._sizes, 0) - self._sizes
+        self.num_replicas, self.rank, self.seed, self.keyed = num_replicas, rank, seed, keyed
+        self.per_rank = len(labels) // num_replicas
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def draws(self) -> torch.Tensor:
+        """This epoch's draws on all ranks: dataset indices, [num_replicas * per_rank]."""
+        g = torch.Generator().manual_seed(random.Random(f"balanced:{self.seed}:{self.epoch}").getrandbits(63))
+        total = self.num_replicas * self.per_rank
+        cls = torch.randint(len(self._sizes), (total,), generator=g)
+        offset = (torch.rand(total, generator=g, dtype=torch.float64) * self._sizes[cls]).long()
+        return self._flat[self._starts[cls] + torch.minimum(offset, self._sizes[cls] - 1)]
+
+    def __iter__(self) -> Iterator[Any]:  # (epoch, index, position) keys, or ints when not keyed
+        mine = self.draws()[self.rank :: self.num_replicas].tolist()
+        positions = range(self.rank, self.num_replicas * self.per_rank, self.num_replicas)
+        if not self.keyed:
+            return iter(mine)
+        return ((self.epoch, i, pos) for i, pos in zip(mine, positions))
+
+
 class ImageListDataset(Dataset):
     """(image tensor, label) pairs from (path, label) samples.
 
@@ -129,7 +252,8 @@ class ImageListDataset(Dataset):
     files in a row is an error.
 
     Keys are an index, or (epoch, index) from EpochSampler: then the transform runs under
-    `sample_seed(seed, epoch, index)`."""
+    `sample_seed(seed, epoch, index)`; or (epoch, index, position) from BalancedEpochSampler: then
+    under `sample_seed(seed, epoch, position)`, one seed per draw."""
 
     max_substitutes = 16
 
@@ -142,8 +266,13 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
-        epoch, i = key if isinstance(key, tuple) else (None, key)
+    def __getitem__(self, key: int | tuple[int, int] | tuple[int, int, int]) -> tuple[Any, int]:
+        epoch: int | None = None
+        if isinstance(key, tuple):
+            epoch, i = key[0], key[1]
+            draw = key[2] if len(key) == 3 else i
+        else:
+            i = draw = key
         for k in range(min(len(self.samples), self.max_substitutes)):
             path, label = self.samples[(i + k) % len(self.samples)]
             try:
@@ -161,7 +290,7 @@ class ImageListDataset(Dataset):
                 continue
             if epoch is None:
                 return self.transform(image), label
-            with _seeded(sample_seed(self.seed, epoch, i)):
+            with _seeded(sample_seed(self.seed, epoch, draw)):
                 return self.transform(image), label
         raise DataError(
             f"{self.max_substitutes} images in a row from {self.samples[i][0]} on cannot be decoded; "
@@ -186,19 +315,28 @@ def build_train_loader(
     world_size: int,
     seed: int,
     workers: int,
+    sampler: Literal["shuffle", "balanced"] = "shuffle",
 ) -> DataLoader:
-    """Shuffled, drop_last loader over this rank's shard. Call `loader.sampler.set_epoch(e)` each
-    epoch for a new order (same on every run with the same seed)."""
+    """drop_last loader over this rank's share: `sampler` shuffle = each image once an epoch
+    (`EpochSampler`), balanced = classes drawn equally often (`BalancedEpochSampler`, as many steps).
+    Call `loader.sampler.set_epoch(e)` each epoch for a new order (same on every run with the same
+    seed)."""
     check_batch(len(samples), world_size, batch_size)
     dataset = ImageListDataset(samples, transform, seed)
     # A 1-replica DistributedSampler is a seeded shuffler with set_epoch, so both cases share code
     # and a 1-worker run sees the same order as it would on any machine. Its (epoch, index) items
     # seed each sample's augmentation (sample_seed).
-    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    order: Sampler
+    if sampler == "balanced":
+        order = BalancedEpochSampler([y for _, y in dataset.samples], world_size, rank, seed)
+    elif sampler == "shuffle":
+        order = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    else:
+        raise ValueError(f"data.sampler: unknown value {sampler!r}; use shuffle or balanced")
     # Seeds the loader workers' own RNGs; augmentation does not draw from them (see _seeded).
     generator = torch.Generator().manual_seed(seed * 65537 + rank)
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, generator=generator, **_loader_kwargs(workers)
+        dataset, batch_size=batch_size, sampler=order, drop_last=True, generator=generator, **_loader_kwargs(workers)
     )
 
 

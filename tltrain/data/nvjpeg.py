@@ -102,7 +102,8 @@ def build_nvjpeg_loaders(
         raise DataError("data.decode nvjpeg needs a GPU worker (scaling.use_gpu: true); use data.decode cpu")
     batch, seed, workers = spec.scaling.batch_size_per_worker, spec.loop.seed, spec.data.loader_workers
     train_ds = FileBytes(train_samples)
-    sampler, batches = train_sampler(len(train_ds), batch, rank, world_size, seed)
+    labels = [y for _, y in train_ds.samples] if spec.data.sampler == "balanced" else None
+    sampler, batches = train_sampler(len(train_ds), batch, rank, world_size, seed, labels)
     train_aug = build_augment(spec, plan.data_config, True, device, seed * 65537 + rank, autocast)
     val_ds = FileBytes(list(val_samples)[rank::world_size])
     val_aug = build_augment(spec, plan.data_config, False, device, seed, autocast)
