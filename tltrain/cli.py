@@ -9,11 +9,11 @@ import os
 import sys
 from typing import Any
 
-from tltrain.commands import bench, demo, jobs, prepare, registry, submit, train, tune
+from tltrain.commands import bench, compare, demo, jobs, prepare, registry, submit, train, tune
 from tltrain.spec import SpecError
 
 # The order `tltrain --help` lists them in.
-COMMAND_MODULES = (train, tune, demo, bench, submit, jobs, registry, prepare)
+COMMAND_MODULES = (train, tune, compare, demo, bench, submit, jobs, registry, prepare)
 
 
 def _emit_json(obj: dict[str, Any]) -> None:

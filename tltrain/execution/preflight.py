@@ -20,7 +20,7 @@ from tltrain.core.checkpoint import (
     load_meta,
     sha256_file,
 )
-from tltrain.core.plan import TrainPlan, check_forward, probe_model
+from tltrain.core.plan import TrainPlan, check_forward, check_metrics, probe_model, resolve_class_weights
 from tltrain.data import DataError, plan_dataset, resolve_data_config
 from tltrain.spec.bounds import check_spec_batch
 from tltrain.spec.schema import JobSpec, SpecError, expand_path
@@ -100,6 +100,8 @@ def build_plan(spec: JobSpec) -> TrainPlan:
     except DataError as err:
         raise SpecError(str(err)) from None
     check_spec_batch(len(dataset.train), spec)
+    check_metrics(spec, len(dataset.class_names))
+    class_weights = resolve_class_weights(spec, dataset.class_names, [y for _, y in dataset.train])
     local_weights = storage.fetch_weights(spec.model.weights, spec.data.cache_dir)
     weights_sha = sha256_file(local_weights) if local_weights is not None else None
     probe, groups = probe_model(spec, len(dataset.class_names), local_weights)
@@ -120,4 +122,7 @@ def build_plan(spec: JobSpec) -> TrainPlan:
         weights_sha256=weights_sha,
         fingerprint=dataset.fingerprint,
         skipped=dataset.skipped,
+        test=[(p, y) for p, y in dataset.test],
+        test_root=dataset.test_root,
+        class_weights=class_weights,
     )

@@ -26,7 +26,7 @@ from tltrain import storage
 from tltrain.core.checkpoint import META_FILE, CheckpointMeta
 from tltrain.execution.trainer import best_checkpoint
 from tltrain.execution.worker import checkpoint_uri
-from tltrain.spec.metrics import EPOCH_TIME_S, EPOCH_WALL_S, ranked
+from tltrain.spec.metrics import ranked, worker_seconds
 from tltrain.spec.schema import JobSpec, SpecError
 from tltrain.spec.search import apply_config, plain
 
@@ -149,9 +149,7 @@ def build_record(
     if error is None and 0 < epochs < tspec.loop.epochs:
         last = history[-1]
         stopped_by = "diverged" if last.get("diverged") else "patience" if last.get("stopped_early") else "asha"
-    # Wall time the workers were held, epoch by epoch (set-up, training, evaluation, checkpoints);
-    # epoch_time_s (training steps only) for histories written before epoch_wall_s existed.
-    worker_s = sum(float(h.get(EPOCH_WALL_S, h.get(EPOCH_TIME_S, 0.0))) for h in history) * tspec.scaling.num_workers
+    worker_s = worker_seconds(history, tspec.scaling.num_workers)
     return {
         "trial_id": trial_id,
         "run_name": paths.run_name(trial_id),

@@ -49,6 +49,7 @@ def track_sweep(parent: Any, summary: dict[str, Any], best: dict[str, Any] | Non
     }  # fmt: skip
     if summary["best_metric"] is not None:
         metrics[f"{BEST_PREFIX}{summary['metric']}"] = summary["best_metric"]
+    metrics.update(summary.get("test_metrics") or {})  # the best trial's held-out scores
     parent.log_epoch(metrics, step=0)
     if best is not None:
         parent.log_final(summary["best_checkpoint"], best.get("history") or [])

@@ -7,19 +7,21 @@ from typing import Any, TextIO
 
 from tltrain.execution.preflight import build_plan
 from tltrain.reports.progress import Progress, describe_plan, print_summary
-from tltrain.spec.metrics import IMG_PER_S
+from tltrain.spec.metrics import IMG_PER_S, worker_seconds
 from tltrain.spec.schema import JobSpec
 
 
-def run_train(spec: JobSpec, out: TextIO = sys.stdout) -> dict[str, Any]:
-    """Train one job end to end and return the summary (the `--json` object)."""
+def run_train(spec: JobSpec, out: TextIO = sys.stdout, *, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Train one job end to end and return the summary (the `--json` object). `parent_run_id`
+    nests its MLflow run under another (`tltrain compare` logs each rung under one parent)."""
+    from tltrain.execution.evaluate import score_checkpoint, test_split_of
     from tltrain.execution.trainer import fit
 
     plan = build_plan(spec)
     describe_plan(spec, plan, out)
     progress = Progress(spec, out)
     history: list[dict[str, Any]] = []
-    with _open_tracker(spec) as tracker:
+    with _open_tracker(spec, parent_run_id) as tracker:
         tracker.log_spec(spec.to_dict())
         if spec.tracking.enabled:
             from tltrain.tracking.tracker import lineage_tags
@@ -45,6 +47,11 @@ def run_train(spec: JobSpec, out: TextIO = sys.stdout) -> dict[str, Any]:
             raise result.error
         summary = _summary(spec, result, history)
         summary["mlflow_run_id"] = tracker.run_id
+        if result.best_checkpoint_uri and test_split_of(spec):
+            # After every choice is made (epoch, EMA twin): the held-out split is only reported.
+            print(f"scoring the held-out test split ({len(plan.test)} images) on the best checkpoint", file=out)
+            summary["test_metrics"] = score_checkpoint(spec, plan, result.best_checkpoint_uri)
+            tracker.log_epoch(summary["test_metrics"], step=summary["epochs_completed"])
         tracker.log_final(result.best_checkpoint_uri, history)
         if spec.tracking.registry_name and not spec.tracking.enabled:
             print(
@@ -60,20 +67,21 @@ def run_train(spec: JobSpec, out: TextIO = sys.stdout) -> dict[str, Any]:
                 spec.tracking.registry_name,
                 tracking_uri=spec.tracking.uri,
                 run_id=tracker.run_id,
+                tags=summary.get("test_metrics"),
             )
             summary["registered_model"] = f"models:/{version.name}/{version.version}"
     print_summary(summary, out)
     return summary
 
 
-def _open_tracker(spec: JobSpec) -> Any:
+def _open_tracker(spec: JobSpec, parent_run_id: str | None = None) -> Any:
     if not spec.tracking.enabled:
         from tltrain.tracking.null import NullTracker
 
         return NullTracker()
     from tltrain.tracking.tracker import open_tracker
 
-    return open_tracker(spec, run_name=spec.name)
+    return open_tracker(spec, run_name=spec.name, parent_run_id=parent_run_id)
 
 
 def _summary(spec: JobSpec, result: Any, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -89,5 +97,6 @@ def _summary(spec: JobSpec, result: Any, history: list[dict[str, Any]]) -> dict[
         "stopped_early": bool(last.get("stopped_early", False)),
         "diverged": bool(last.get("diverged", False)),
         IMG_PER_S: (sum(h[IMG_PER_S] for h in history) / len(history)) if history else None,
+        "worker_s": worker_seconds(history, spec.scaling.num_workers),
         "storage_uri": f"{spec.storage.uri.rstrip('/')}/{spec.name}",
     }

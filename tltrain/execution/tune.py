@@ -26,6 +26,7 @@ from ray import tune
 from tltrain import storage
 from tltrain.core.checkpoint import MANIFEST_FILE
 from tltrain.core.plan import TrainPlan, count_layer_groups
+from tltrain.execution.evaluate import score_checkpoint, test_split_of
 from tltrain.execution.preflight import build_plan
 from tltrain.execution.sweep_store import (
     SweepPaths,
@@ -405,6 +406,9 @@ def run_tune(spec: JobSpec, resume: bool = False, out: TextIO = sys.stdout) -> d
         records = [reporter.checked(reporter.finish(t.trial_id, t.config, t.error)) for t in reporter.trials]
         summary = summarize(spec, paths.uri, records)
         best = next((r for r in records if r["trial_id"] == summary["best_trial_id"]), None)
+        if summary["best_checkpoint"] and test_split_of(spec):
+            # Only the winner, only now: the held-out split ranks nothing.
+            summary["test_metrics"] = score_checkpoint(spec, plan, summary["best_checkpoint"])
         track_sweep(parent, summary, best)
         summary["mlflow_run_id"] = parent.run_id
     print_table(summary, list(space), out)

@@ -26,8 +26,8 @@ from tltrain.core.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     load_meta,
-    load_model_state,
     load_train_state,
+    load_twins,
     verify_checkpoint,
 )
 from tltrain.core.loop import Resume, train
@@ -40,7 +40,7 @@ from tltrain.spec.schema import JobSpec
 log = logging.getLogger(__name__)
 
 
-def _rebase(samples: Sequence[Sequence[Any]], driver_root: str, local_root: str) -> list[tuple[str, int]]:
+def rebase(samples: Sequence[Sequence[Any]], driver_root: str, local_root: str) -> list[tuple[str, int]]:
     """The driver's absolute paths, moved under this node's copy of the same dataset root."""
     if driver_root == local_root:
         return [(p, int(y)) for p, y in samples]
@@ -73,8 +73,9 @@ def _restore(model: torch.nn.Module, spec: JobSpec, rank: int) -> tuple[Resume |
             try:
                 storage.download_tree(uri, directory, retry_s=storage.OUTAGE_RETRY_S)
                 verify_checkpoint(directory, source=uri)
-                model_state = load_model_state(directory, source=uri)
-                resume = Resume(train_state=load_train_state(directory, source=uri), meta=load_meta(directory))
+                meta = load_meta(directory)
+                model_state, ema_state = load_twins(directory, meta, source=uri)
+                resume = Resume(train_state=load_train_state(directory, source=uri), meta=meta, ema_state=ema_state)
             except CheckpointError as err:
                 rejected.append(uri)
                 if rank == 0:
@@ -139,15 +140,17 @@ def _build_loaders(spec: JobSpec, plan: TrainPlan, rank: int, world_size: int, d
         return build_shard_loaders(spec, plan, rank, world_size, device, root=root, autocast=autocast)
     train_root = storage.localize(spec.data.train, spec.data.cache_dir)
     val_root = storage.localize(spec.data.val, spec.data.cache_dir) if spec.data.val else train_root
-    train_samples = _rebase(plan.train, plan.train_root, train_root)
-    val_samples = _rebase(plan.val, plan.val_root, val_root)
+    train_samples = rebase(plan.train, plan.train_root, train_root)
+    val_samples = rebase(plan.val, plan.val_root, val_root)
     if spec.data.decode == "nvjpeg":
         from tltrain.data.nvjpeg import build_nvjpeg_loaders
 
         return build_nvjpeg_loaders(spec, plan, train_samples, val_samples, rank, world_size, device, autocast=autocast)
     batch, workers = spec.scaling.batch_size_per_worker, spec.data.loader_workers
-    train_tf = build_transform(plan.data_config, True, spec.data.augment)
-    train_loader = build_train_loader(train_samples, train_tf, batch, rank, world_size, spec.loop.seed, workers)
+    train_tf = build_transform(plan.data_config, True, spec.data)
+    train_loader = build_train_loader(
+        train_samples, train_tf, batch, rank, world_size, spec.loop.seed, workers, sampler=spec.data.sampler
+    )
     val_loader = build_eval_loader(
         val_samples, build_transform(plan.data_config, False), batch, rank, world_size, workers
     )
@@ -204,6 +207,7 @@ def worker_fn(config: dict[str, Any]) -> None:
         meta=meta,
         resume=resume,
         started_at=started_at,
+        class_weights=plan.class_weights,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tltrain.core.scores import per_class_scores
 from tltrain.spec.metrics import is_metric_value
 
 
@@ -24,12 +25,8 @@ def classification_report(confusion: list[list[int]], class_names: list[str]) ->
         raise ValueError(f"confusion matrix is not {n}x{n} (one row and column per class)")
     total = sum(map(sum, rows))
     out: dict[str, Any] = {}
-    for i, name in enumerate(class_names):
-        tp, support, predicted = rows[i][i], sum(rows[i]), sum(r[i] for r in rows)
-        precision = tp / predicted if predicted else 0.0
-        recall = tp / support if support else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        out[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+    for name, scores in zip(class_names, per_class_scores(rows)):
+        out[name] = scores
     per_class = [out[name] for name in class_names]
     for avg, weights in (("macro avg", [1] * n), ("weighted avg", [c["support"] for c in per_class])):
         wsum = sum(weights) or 1

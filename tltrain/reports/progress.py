@@ -6,7 +6,7 @@ import time
 from typing import Any, TextIO
 
 from tltrain.core.plan import TrainPlan
-from tltrain.spec.metrics import IMG_PER_S, TRAIN_LOSS, VAL_LOSS
+from tltrain.spec.metrics import EXPORTED, IMG_PER_S, TRAIN_LOSS, VAL_COUNT, VAL_LOSS, Split, split_metric
 from tltrain.spec.schema import JobSpec
 
 
@@ -44,6 +44,8 @@ class Progress:
             f"{metrics[IMG_PER_S]:.0f} img/s",
             f"ETA {_fmt_duration(eta)}",
         ]
+        if metrics.get(EXPORTED) is not None:  # loop.ema_decay on: which twin this checkpoint exports
+            parts.append(f"exports {metrics[EXPORTED]}")
         if metrics.get("diverged"):
             parts.append("stopped: the loss diverged (NaN/inf); lower optim.lr or set loop.clip_grad_norm")
         elif metrics.get("stopped_early"):
@@ -55,7 +57,8 @@ def describe_plan(spec: JobSpec, plan: TrainPlan, out: TextIO) -> None:
     freeze = spec.strategy.freeze_depth
     print(
         f"{spec.name}: {spec.model.name} ({plan.num_layer_groups} layer groups + head; freeze_depth {freeze}), "
-        f"{len(plan.class_names)} classes, {len(plan.train)} train / {len(plan.val)} val images, "
+        f"{len(plan.class_names)} classes, {len(plan.train)} train / {len(plan.val)} val"
+        f"{f' / {len(plan.test)} held-out test' if plan.test else ''} images, "
         f"{spec.scaling.num_workers} worker(s) x batch {spec.scaling.batch_size_per_worker}"
         f"{' x accum ' + str(spec.loop.grad_accum) if spec.loop.grad_accum > 1 else ''}, "
         f"{spec.loop.precision}, {'GPU' if spec.scaling.use_gpu else 'CPU'}",
@@ -80,6 +83,14 @@ def print_summary(summary: dict[str, Any], out: TextIO) -> None:
         file=out,
     )
     print(f"best checkpoint: {summary['best_checkpoint']}", file=out, flush=True)
+    test = summary.get("test_metrics")
+    if test:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in test.items() if not k.endswith("/count"))
+        print(
+            f"held-out test ({int(test.get(split_metric(Split.TEST, VAL_COUNT), 0))} images): {shown}",
+            file=out,
+            flush=True,
+        )
 
 
 def describe_groups(spec: JobSpec, plan: TrainPlan, out: TextIO) -> None:

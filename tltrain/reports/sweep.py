@@ -11,7 +11,7 @@ import json
 from typing import Any, TextIO
 
 from tltrain.core.plan import TrainPlan
-from tltrain.spec.metrics import better
+from tltrain.spec.metrics import TEST_ACC, TEST_BALANCED_ACC, TEST_F1_MACRO, better
 from tltrain.spec.schema import JobSpec
 from tltrain.spec.space import Dist
 
@@ -102,6 +102,10 @@ def print_table(summary: dict[str, Any], space_keys: list[str], out: TextIO) -> 
             file=out,
             flush=True,
         )
+        test = summary.get("test_metrics")
+        if test:  # scored once, on the winner only, after the search chose it
+            shown = "  ".join(f"{k} {test[k]:.4f}" for k in (TEST_ACC, TEST_F1_MACRO, TEST_BALANCED_ACC) if k in test)
+            print(f"best trial on the held-out test split: {shown}", file=out, flush=True)
     else:
         print("best: no trial produced a checkpoint", file=out, flush=True)
 

@@ -36,6 +36,7 @@ TORCHVISION_PREFIX = "torchvision:"
 # The keys of timm.data.create_transform that tltrain stores in meta["data_config"].
 _TRANSFORM_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
 _BATCH = 64  # bounds memory for long inputs; inference cost per image is unchanged
+_TTA_VIEWS = {"none": 1, "flip": 2, "dihedral": 8}
 
 
 def _torchvision_model(name: str, num_classes: int, image_size: int | None = None) -> torch.nn.Module:
@@ -175,6 +176,23 @@ class ImageClassifier(PythonModel):
             k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["data_config"].items() if k in _TRANSFORM_KEYS
         }
         self.transform = create_transform(**cfg, is_training=False)
+        # Test-time augmentation as the run scored its test split (data.tta), unless model_config
+        # overrides it ("none", "flip" or "dihedral").
+        trained = str(((meta.get("spec") or {}).get("data") or {}).get("tta", "none"))
+        self.tta = str(config.get("tta") or trained)
+        if self.tta not in _TTA_VIEWS:
+            raise ValueError(f"model_config tta: {self.tta!r}; use one of {', '.join(_TTA_VIEWS)}")
+
+    def _probs(self, batch: torch.Tensor) -> torch.Tensor:
+        """Softmax averaged over the TTA views (the same views as tltrain's data/orientation.py:
+        this file cannot import tltrain): k % 4 quarter turns, then a mirror for k >= 4."""
+        views = [batch]
+        if self.tta == "flip":
+            views.append(batch.flip(-1))
+        elif self.tta == "dihedral":
+            turned = [torch.rot90(batch, k, dims=(-2, -1)) for k in range(4)]
+            views = turned + [t.flip(-1) for t in turned]
+        return torch.stack([torch.softmax(self.model(v).float(), dim=1) for v in views]).mean(0)
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         items = _items(model_input)
@@ -182,8 +200,7 @@ class ImageClassifier(PythonModel):
         with torch.inference_mode():
             for start in range(0, len(items), _BATCH):
                 batch = torch.stack([self.transform(_open(x)) for x in items[start : start + _BATCH]])
-                logits = self.model(batch.to(self.device)).float()
-                probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+                probs.append(self._probs(batch.to(self.device)).cpu().numpy())
         p = np.concatenate(probs) if probs else np.zeros((0, len(self.class_names)), dtype=np.float32)
         top = p.argmax(axis=1) if len(p) else np.zeros(0, dtype=int)
         out = pd.DataFrame(

@@ -184,6 +184,8 @@ def register_checkpoint(
                     python_model=str(PYFUNC_FILE),
                     artifacts={"weights": str(local / MODEL_FILE), "meta": str(meta_path)},
                     signature=_signature(meta.class_names),
+                    # The run's test-time augmentation; a caller may override it at load time.
+                    model_config={"tta": str(meta.spec.get("data", {}).get("tta", "none"))},
                     pip_requirements=_requirements(meta.model_name),
                     metadata={"class_names": meta.class_names, "model_name": meta.model_name, "checkpoint_sha256": sha},
                 )
