@@ -108,3 +108,15 @@ def fashion_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]
     return materialize_fashion_mnist(
         str(tmp_path_factory.mktemp("fashion")), train_per_class=30, val_per_class=10, seed=0
     )
+
+
+def apply_overrides(tree: dict, **overrides: object) -> dict:
+    """A spec tree with `section__key=value` overrides set (nested sections created): the tests'
+    shorthand for one changed field, e.g. `loop__ema_decay=0.9`."""
+    for dotted, value in overrides.items():
+        node = tree
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree

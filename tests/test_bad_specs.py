@@ -153,7 +153,7 @@ CASES: list[tuple[str, Mutation, list[str]]] = [
     (
         "unknown augment",
         lambda s: s["data"].update(augment="heavy"),
-        ["data.augment: Input should be 'none', 'light' or 'randaugment'"],
+        ["data.augment: Input should be 'none', 'light', 'randaugment' or 'trivialaugment'"],
     ),
     (
         "on_bad_image ignore",

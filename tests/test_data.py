@@ -116,8 +116,8 @@ def test_train_transform_output_shape(fashion_folders: tuple[str, str]) -> None:
     cfg = resolve_data_config(model, image_size=64)
     assert cfg["input_size"] == [3, 64, 64] and "crop_pct" in cfg and "mean" in cfg
     img = load_rgb(sorted(Path(fashion_folders[0]).rglob("*.png"))[0])  # 28x28 grey
-    for augment in ("none", "light", "randaugment"):
-        assert build_transform(cfg, train=True, augment=augment)(img).shape == (3, 64, 64)
+    for augment in ("none", "light", "randaugment", "trivialaugment"):
+        assert build_transform(cfg, train=True, data=DataSpec(train="", augment=augment))(img).shape == (3, 64, 64)
     assert build_transform(cfg, train=False)(img).shape == (3, 64, 64)
 
 

@@ -107,7 +107,7 @@ def test_shard_train_batches_follow_the_cpu_sampler_and_value_range(prepared: tu
     spec, _ = prepared
     plan = build_plan(spec)
     train_loader, _ = build_shard_loaders(spec, plan, 0, 1, torch.device("cpu"))
-    cpu_loader = build_train_loader(plan.train, build_transform(plan.data_config, True, "light"), BATCH, 0, 1, 0, 0)
+    cpu_loader = build_train_loader(plan.train, build_transform(plan.data_config, True), BATCH, 0, 1, 0, 0)
     assert len(train_loader) == len(cpu_loader)
     mean, std = torch.tensor(plan.data_config["mean"]), torch.tensor(plan.data_config["std"])
     lo, hi = ((0 - mean) / std).min().item(), ((1 - mean) / std).max().item()
@@ -294,7 +294,7 @@ def test_gpu_shards_match_the_cpu_path(jpeg_folder: str, tmp_path: Path) -> None
     # bf16 keeps 8 bits of mantissa: |x| < 2.7 rounds by < 0.011.
     torch.testing.assert_close(got.float().cpu(), expected, atol=0.02, rtol=0)
 
-    cpu_loader = build_train_loader(plan.train, build_transform(plan.data_config, True, "light"), 8, 0, 1, 0, 0)
+    cpu_loader = build_train_loader(plan.train, build_transform(plan.data_config, True), 8, 0, 1, 0, 0)
     train_loader.sampler.set_epoch(0)
     cpu_loader.sampler.set_epoch(0)
     gpu_batches, cpu_batches = list(train_loader), list(cpu_loader)

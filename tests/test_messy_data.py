@@ -176,7 +176,8 @@ def test_every_good_image_goes_through_the_loaders(messy: tuple[Path, dict[str, 
     plan = plan_dataset(DataSpec(train=str(root), val_fraction=0.2, on_bad_image="skip"), seed=0)
     assert len(plan.train) + len(plan.val) == len(kinds["good"])
     for augment in ("light", "randaugment"):
-        loader = build_train_loader(plan.train, build_transform(DATA_CONFIG, True, augment), 4, 0, 1, seed=0, workers=0)
+        transform = build_transform(DATA_CONFIG, True, DataSpec(train=str(root), augment=augment))
+        loader = build_train_loader(plan.train, transform, 4, 0, 1, seed=0, workers=0)
         shapes = {tuple(x.shape) for x, _ in loader}
         assert shapes == {(4, 3, 32, 32)}
     loader = build_eval_loader(plan.train + plan.val, build_transform(DATA_CONFIG, False), 5, 0, 1, workers=0)

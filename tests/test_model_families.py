@@ -18,6 +18,7 @@ import torchvision
 from PIL import Image
 from timm.layers import resample_abs_pos_embed
 
+from conftest import apply_overrides
 from tltrain.core.checkpoint import CheckpointMeta, load_meta, load_model_state, load_train_state, save_checkpoint
 from tltrain.core.loop import Resume, train
 from tltrain.core.model import build_model, head_param_names, layer_groups
@@ -147,12 +148,7 @@ def _spec(train: str, val: str, tmp_path: Path, **overrides: object) -> object:
         "storage": {"uri": str(tmp_path / "runs")},
         "tracking": {"enabled": False},
     }
-    for dotted, value in overrides.items():
-        node = tree
-        *parents, leaf = dotted.split("__")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+    apply_overrides(tree, **overrides)
     return parse_spec(tree)
 
 
@@ -205,9 +201,7 @@ def _run(spec, plan, out: Path, checkpoint_dir: Path | None = None, stop_after: 
         model.load_state_dict(load_model_state(checkpoint_dir))
         resume = Resume(train_state=load_train_state(checkpoint_dir), meta=load_meta(checkpoint_dir))
     config = plan.data_config
-    train_loader = build_train_loader(
-        plan.train, build_transform(config, True, spec.data.augment), 8, 0, 1, spec.loop.seed, 0
-    )
+    train_loader = build_train_loader(plan.train, build_transform(config, True, spec.data), 8, 0, 1, spec.loop.seed, 0)
     val_loader = build_eval_loader(plan.val, build_transform(config, False), 8, 0, 1, 0)
     saved: dict[int, Path] = {}
     lrs: list[dict[str, float]] = []
