@@ -330,3 +330,10 @@ def test_cli_refuses_a_python_tag(tmp_path: Path, capsys: pytest.CaptureFixture)
     err = capsys.readouterr().err
     assert "not valid YAML" in err and "python/object/apply" in err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_spec_in_jobs_parses(path: Path) -> None:
+    spec = load_spec(str(path))
+    if "fashion-mnist" in spec.data.train:  # the demo's data: examples hold out its t10k picks
+        assert spec.data.test is not None and spec.data.test.endswith("fashion-mnist-100x50/val")

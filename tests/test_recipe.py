@@ -27,6 +27,7 @@ from tltrain.spec import SpecError, parse_spec
 from tltrain.spec.metrics import EXPORTED, Twin
 from tltrain.spec.rungs import FINETUNE, PROBE, RECIPE, RUNGS, SCRATCH, rung_specs
 from tltrain.spec.search import validate_space
+from tltrain.tracking.pyfunc_model import ImageClassifier
 
 
 def _tree(train: str, tmp_path: Path, **overrides: object) -> dict:
@@ -168,6 +169,13 @@ def test_tta_averages_the_probabilities_of_the_views() -> None:
             got = tta_log_probs(model, x, lambda b, m=mode: tta_views(b, m)).exp()
             torch.testing.assert_close(got, probs, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(tta_views(x, "flip")[1], torch.flip(x, dims=[3]))
+        # The registered pyfunc (which cannot import tltrain) averages over the same views.
+        served = ImageClassifier()
+        served.model = model
+        for mode in ("none", "flip", "dihedral"):
+            served.tta = mode
+            expected = tta_log_probs(model, x, lambda b, m=mode: tta_views(b, m)).exp()
+            torch.testing.assert_close(served._probs(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_scores_equal_sklearn_and_top5_a_direct_count() -> None:
