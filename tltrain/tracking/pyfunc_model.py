@@ -185,7 +185,7 @@ class ImageClassifier(PythonModel):
 
     def _probs(self, batch: torch.Tensor) -> torch.Tensor:
         """Softmax averaged over the TTA views (the same views as tltrain's data/orientation.py:
-        this file cannot import tltrain): k % 4 quarter turns, then a mirror for k >= 4."""
+        a served model depends on mlflow, torch and timm only): k % 4 quarter turns, then a mirror for k >= 4."""
         views = [batch]
         if self.tta == "flip":
             views.append(batch.flip(-1))
