@@ -9,11 +9,12 @@ import os
 import sys
 from typing import Any
 
-from tltrain.commands import bench, compare, demo, jobs, prepare, registry, submit, train, tune
+from tltrain.commands import bench, compare, demo, jobs, prepare, registry, runs, submit, train, tune
 from tltrain.spec import SpecError
+from tltrain.storage.lease import LeaseHeld
 
 # The order `tltrain --help` lists them in.
-COMMAND_MODULES = (train, tune, compare, demo, bench, submit, jobs, registry, prepare)
+COMMAND_MODULES = (train, tune, compare, demo, bench, submit, jobs, runs, registry, prepare)
 
 
 def _emit_json(obj: dict[str, Any]) -> None:
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except LeaseHeld as err:  # the name is in use: nothing was started or written
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

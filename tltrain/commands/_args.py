@@ -19,3 +19,13 @@ def add_address_arg(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)",
     )
+
+
+def add_force_unlock_arg(p: argparse.ArgumentParser) -> None:
+    """`--force-unlock`: train, tune and compare, which hold a run's or sweep's lease."""
+    p.add_argument(
+        "--force-unlock",
+        action="store_true",
+        help="take the name's lease even from an owner that looks alive (check that owner is gone first: "
+        "`tltrain runs` shows it)",
+    )

@@ -6,14 +6,14 @@ import argparse
 import sys
 from typing import Any
 
-from tltrain.commands._args import add_spec_args
+from tltrain.commands._args import add_force_unlock_arg, add_spec_args
 from tltrain.spec import JobSpec, load_spec
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from tltrain.execution.train import run_train
 
-    return run_train(load_spec(args.spec, args.set))
+    return run_train(load_spec(args.spec, args.set), force_unlock=args.force_unlock)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -50,6 +50,7 @@ def cmd_spec_fields(args: argparse.Namespace) -> int:
 def add_commands(sub: Any) -> None:
     p = sub.add_parser("train", help="fine-tune from a job spec")
     add_spec_args(p)
+    add_force_unlock_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("validate", help="check a spec against its data and model, start nothing")

@@ -18,7 +18,9 @@ from tltrain.spec.rungs import RUNGS, describe, rung_specs
 from tltrain.spec.schema import JobSpec, SpecError
 
 
-def run_compare(spec: JobSpec, rungs: tuple[str, ...] = RUNGS, out: TextIO = sys.stdout) -> dict[str, Any]:
+def run_compare(
+    spec: JobSpec, rungs: tuple[str, ...] = RUNGS, out: TextIO = sys.stdout, *, force_unlock: bool = False
+) -> dict[str, Any]:
     """Train each rung of the spec and return {"rungs": [row per rung], ...} (the `--json` object)."""
     from tltrain.execution.train import run_train
 
@@ -39,7 +41,7 @@ def run_compare(spec: JobSpec, rungs: tuple[str, ...] = RUNGS, out: TextIO = sys
         for rung, rung_spec in specs.items():
             print(f"\n== {describe(rung)}", file=out, flush=True)
             started = time.monotonic()
-            summary = run_train(rung_spec, out=out, parent_run_id=parent.run_id)
+            summary = run_train(rung_spec, out=out, parent_run_id=parent.run_id, force_unlock=force_unlock)
             rows.append(_row(rung, summary, time.monotonic() - started))
         parent.log_epoch(
             {f"{row['rung']}.{k}": v for row in rows for k, v in row.items() if isinstance(v, float)}, step=0

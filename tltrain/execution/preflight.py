@@ -48,9 +48,14 @@ def _check_storage(spec: JobSpec) -> None:
 _TOTAL_DEPENDENT = ("cosine", "linear")
 
 
+def run_folder(spec: JobSpec) -> str:
+    """Where a run's checkpoints, Ray run state and lease live: <storage.uri>/<name>."""
+    return f"{spec.storage.uri.rstrip('/')}/{spec.name}"
+
+
 def _latest_checkpoint_meta(spec: JobSpec) -> tuple[str, CheckpointMeta] | None:
     """(URI, meta) of the newest complete checkpoint of a run of this name, if there is one."""
-    run_uri = f"{spec.storage.uri.rstrip('/')}/{spec.name}"
+    run_uri = run_folder(spec)
     if not storage.exists(run_uri):
         return None
     files = set(storage.list_files(run_uri, retry_s=storage.OUTAGE_RETRY_S))

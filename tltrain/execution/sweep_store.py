@@ -184,7 +184,7 @@ def prepare_storage(spec: JobSpec, paths: SweepPaths, resume: bool) -> bool:
     restorable = Tuner.can_restore(paths.fs_path, storage_filesystem=paths.fs)
     stored = read_json(paths.spec_uri)
     if not resume:
-        if restorable or stored is not None or storage.exists(paths.uri):
+        if restorable or stored is not None or storage.holds_output(paths.uri):
             what = "a search" if restorable or stored is not None else "something (not a tltrain search)"
             raise SpecError(
                 f"name: {what} named {spec.name!r} already exists at {paths.uri}; pass --resume to continue "
@@ -192,7 +192,7 @@ def prepare_storage(spec: JobSpec, paths: SweepPaths, resume: bool) -> bool:
             )
         return False
     if stored is None:
-        if storage.exists(paths.uri):
+        if storage.holds_output(paths.uri):
             raise SpecError(f"name: {paths.uri} holds something that is not a tltrain search; nothing to resume")
         raise SpecError(f"name: no search named {spec.name!r} at {paths.uri} to resume; run without --resume")
     changed = [k for k in _diff(stored, spec.to_dict()) if not k.startswith(_RESUME_MAY_CHANGE)]

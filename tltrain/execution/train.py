@@ -5,19 +5,32 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from tltrain.execution.preflight import build_plan
+from tltrain import storage
+from tltrain.core.plan import TrainPlan
+from tltrain.execution.preflight import build_plan, run_folder
 from tltrain.reports.progress import Progress, describe_plan, print_summary
 from tltrain.spec.metrics import IMG_PER_S, worker_seconds
 from tltrain.spec.schema import JobSpec
 
 
-def run_train(spec: JobSpec, out: TextIO = sys.stdout, *, parent_run_id: str | None = None) -> dict[str, Any]:
+def run_train(
+    spec: JobSpec, out: TextIO = sys.stdout, *, parent_run_id: str | None = None, force_unlock: bool = False
+) -> dict[str, Any]:
     """Train one job end to end and return the summary (the `--json` object). `parent_run_id`
-    nests its MLflow run under another (`tltrain compare` logs each rung under one parent)."""
-    from tltrain.execution.evaluate import score_checkpoint, test_split_of
-    from tltrain.execution.trainer import fit
-
+    nests its MLflow run under another (`tltrain compare` logs each rung under one parent).
+    The run's lease is held from after the preflight to the end: a second start of the same name
+    meanwhile is refused (storage.LeaseHeld) before Ray reserves anything."""
     plan = build_plan(spec)
+    with storage.acquire_lease(run_folder(spec), spec.name, "run", force=force_unlock) as lease:
+        return _train(spec, plan, out, parent_run_id, lease)
+
+
+def _train(
+    spec: JobSpec, plan: TrainPlan, out: TextIO, parent_run_id: str | None, lease: storage.Lease
+) -> dict[str, Any]:
+    from tltrain.execution.evaluate import score_checkpoint, test_split_of
+    from tltrain.execution.trainer import fit, ray_job_id
+
     describe_plan(spec, plan, out)
     progress = Progress(spec, out)
     history: list[dict[str, Any]] = []
@@ -37,6 +50,10 @@ def run_train(spec: JobSpec, out: TextIO = sys.stdout, *, parent_run_id: str | N
             )
 
         def on_report(metrics: dict[str, Any], checkpoint_uri: str | None) -> None:
+            if not lease.info.ray_job_id:  # Ray is up by the first report: the lease names its job
+                lease.refresh(ray_job_id=ray_job_id())
+            if lease.lost:
+                print(f"error: lost the lease of {lease.folder} to another process; stop this run", file=out)
             progress.line(metrics)
             history.append(metrics)
             tracker.log_epoch(metrics, step=int(metrics["epoch"]))
@@ -98,5 +115,5 @@ def _summary(spec: JobSpec, result: Any, history: list[dict[str, Any]]) -> dict[
         "diverged": bool(last.get("diverged", False)),
         IMG_PER_S: (sum(h[IMG_PER_S] for h in history) / len(history)) if history else None,
         "worker_s": worker_seconds(history, spec.scaling.num_workers),
-        "storage_uri": f"{spec.storage.uri.rstrip('/')}/{spec.name}",
+        "storage_uri": run_folder(spec),
     }

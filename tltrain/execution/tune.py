@@ -351,10 +351,10 @@ def _tuner(
     )
 
 
-def run_tune(spec: JobSpec, resume: bool = False, out: TextIO = sys.stdout) -> dict[str, Any]:
+def run_tune(
+    spec: JobSpec, resume: bool = False, out: TextIO = sys.stdout, *, force_unlock: bool = False
+) -> dict[str, Any]:
     """Search the spec's tune.space (validated before anything starts) and return the summary."""
-    from tltrain.tracking.tracker import open_tracker
-
     if spec.tune is None:
         raise SpecError("tune: the spec has no tune: section (num_samples, metric, mode, space, ...)")
     if len(spec.name) > 110:
@@ -364,6 +364,17 @@ def run_tune(spec: JobSpec, resume: bool = False, out: TextIO = sys.stdout) -> d
         spec, plan.num_layer_groups, groups_of=lambda variant: count_layer_groups(variant, len(plan.class_names))
     )
     paths = sweep_paths(spec)
+    # One driver per sweep name: taken before the storage check, so of two simultaneous starts
+    # the loser is refused here and cannot also pass prepare_storage's "new sweep" test.
+    with storage.acquire_lease(paths.uri, spec.name, "sweep", force=force_unlock):
+        return _search(spec, plan, space, paths, resume, out)
+
+
+def _search(
+    spec: JobSpec, plan: TrainPlan, space: dict[str, Any], paths: SweepPaths, resume: bool, out: TextIO
+) -> dict[str, Any]:
+    from tltrain.tracking.tracker import open_tracker
+
     restore = prepare_storage(spec, paths, resume)
 
     ensure_ray(spec.scaling.address)
