@@ -56,11 +56,45 @@ class FitResult:
 
 
 def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Connect to Ray (address None: RAY_ADDRESS or a cluster started on this machine with `ray
+    start`, else a new local Ray; Ray's own resolution), pinned to that one cluster.
+
+    Ray Train's PlacementGroupCleaner (an actor) and other State API callers find "their" cluster
+    by scanning the machine when no address is in their environment; with a second Ray instance
+    on it (a colleague's job, a notebook's `ray.init()`) they fail with "Found multiple active Ray
+    instances", and every placement group of a trial that Tune stopped then stays reserved, so
+    later trials never start. So the job's runtime env names the cluster for every actor and
+    task: RAY_ADDRESS when we attach to a known address, or, for a local Ray we start, the State
+    API server (the dashboard) on a port chosen here. Worker logs reach the driver; Ray's INFO
+    chatter does not."""
     if ray.is_initialized():
         return
-    # address None: RAY_ADDRESS or a cluster started on this machine, else a new local Ray
-    # (Ray's own resolution). Worker logs reach the driver; Ray's INFO chatter does not.
-    ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=True)
+    kwargs: dict[str, Any] = {}
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    if target is None and Path(tempfile.gettempdir(), "ray", "ray_current_cluster").is_file():
+        target = "auto"  # Ray will attach to the `ray start` cluster it recorded there
+    inside_ray_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # the job's own runtime env applies
+    if target in (None, "local"):
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                      runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": url}})  # fmt: skip
+    elif target != "auto" and not target.startswith("ray://") and not inside_ray_job:
+        kwargs["runtime_env"] = {"env_vars": {"RAY_ADDRESS": target}}
+    ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=True, **kwargs)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ray_job_id() -> str:
+    """This driver's Ray job id ("" before Ray is up): what a lease names as its owner's job."""
+    return ray.get_runtime_context().get_job_id() if ray.is_initialized() else ""
 
 
 def keep_working_dir() -> None:
