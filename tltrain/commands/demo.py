@@ -110,10 +110,12 @@ def demo_spec_tree(
 
 
 def run_demo(
-    overrides: list[str], quick: bool = False, out: Any = sys.stdout, dataset: str = "fashion-mnist"
+    overrides: list[str], quick: bool = False, out: Any = None, dataset: str = "fashion-mnist"
 ) -> dict[str, Any]:
     """`tltrain compare` on the demo spec over one packaged dataset (all four rungs)."""
     from tltrain.execution.compare import run_compare
+
+    out = out or sys.stdout
 
     data = DATASETS[dataset]
     per_class = data.quick_per_class if quick else data.per_class

@@ -19,10 +19,12 @@ from tltrain.spec.schema import JobSpec, SpecError
 
 
 def run_compare(
-    spec: JobSpec, rungs: tuple[str, ...] = RUNGS, out: TextIO = sys.stdout, *, force_unlock: bool = False
+    spec: JobSpec, rungs: tuple[str, ...] = RUNGS, out: TextIO | None = None, *, force_unlock: bool = False
 ) -> dict[str, Any]:
     """Train each rung of the spec and return {"rungs": [row per rung], ...} (the `--json` object)."""
     from tltrain.execution.train import run_train
+
+    out = out or sys.stdout
 
     if not test_split_of(spec):
         raise SpecError(

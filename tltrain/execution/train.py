@@ -8,21 +8,23 @@ from typing import Any, TextIO
 from tltrain import storage
 from tltrain.core.plan import TrainPlan
 from tltrain.execution.preflight import build_plan, run_folder
+from tltrain.execution.resource_watch import ResourceWatch
 from tltrain.reports.progress import Progress, describe_plan, print_summary
 from tltrain.spec.metrics import IMG_PER_S, worker_seconds
 from tltrain.spec.schema import JobSpec
 
 
 def run_train(
-    spec: JobSpec, out: TextIO = sys.stdout, *, parent_run_id: str | None = None, force_unlock: bool = False
+    spec: JobSpec, out: TextIO | None = None, *, parent_run_id: str | None = None, force_unlock: bool = False
 ) -> dict[str, Any]:
     """Train one job end to end and return the summary (the `--json` object). `parent_run_id`
     nests its MLflow run under another (`tltrain compare` logs each rung under one parent).
     The run's lease is held from after the preflight to the end: a second start of the same name
-    meanwhile is refused (storage.LeaseHeld) before Ray reserves anything."""
+    meanwhile is refused (storage.LeaseHeld) before Ray reserves anything. `out`: where progress
+    goes (None = sys.stdout as it is at the call, not at import)."""
     plan = build_plan(spec)
     with storage.acquire_lease(run_folder(spec), spec.name, "run", force=force_unlock) as lease:
-        return _train(spec, plan, out, parent_run_id, lease)
+        return _train(spec, plan, out or sys.stdout, parent_run_id, lease)
 
 
 def _train(
@@ -58,7 +60,8 @@ def _train(
             history.append(metrics)
             tracker.log_epoch(metrics, step=int(metrics["epoch"]))
 
-        result = fit(spec, plan, on_report)
+        with ResourceWatch(out):  # a worker group Ray cannot place gets a line, not silence
+            result = fit(spec, plan, on_report)
         if result.error is not None:
             tracker.end("FAILED")
             raise result.error

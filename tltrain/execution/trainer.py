@@ -23,6 +23,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tltrain import storage
 from tltrain.core.checkpoint import MANIFEST_FILE, META_FILE, CheckpointMeta
@@ -160,7 +161,11 @@ def fit(
     """Run the training job; `on_report(metrics, checkpoint_uri)` is called on the driver for every
     report of rank 0 (once per epoch for worker_fn)."""
     ensure_ray(spec.scaling.address)
-    queue: Queue = Queue()
+    # On the driver's node, as Ray Train pins its controller: a queue actor left to the scheduler
+    # can land on a worker node, and losing that node would then end the run (seen in the
+    # node-loss test) although Ray Train itself survives it.
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    queue: Queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = build_trainer(spec, plan, [ForwardReports(queue)], name, worker=worker, extra_config=extra_config)
 
     def drain(block_s: float) -> None:

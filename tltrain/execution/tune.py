@@ -28,6 +28,7 @@ from tltrain.core.checkpoint import MANIFEST_FILE
 from tltrain.core.plan import TrainPlan, count_layer_groups
 from tltrain.execution.evaluate import score_checkpoint, test_split_of
 from tltrain.execution.preflight import build_plan
+from tltrain.execution.resource_watch import ResourceWatch
 from tltrain.execution.sweep_store import (
     SweepPaths,
     build_record,
@@ -352,9 +353,11 @@ def _tuner(
 
 
 def run_tune(
-    spec: JobSpec, resume: bool = False, out: TextIO = sys.stdout, *, force_unlock: bool = False
+    spec: JobSpec, resume: bool = False, out: TextIO | None = None, *, force_unlock: bool = False
 ) -> dict[str, Any]:
-    """Search the spec's tune.space (validated before anything starts) and return the summary."""
+    """Search the spec's tune.space (validated before anything starts) and return the summary.
+    `out`: where progress goes (None = sys.stdout as it is at the call)."""
+    out = out or sys.stdout
     if spec.tune is None:
         raise SpecError("tune: the spec has no tune: section (num_samples, metric, mode, space, ...)")
     if len(spec.name) > 110:
@@ -397,7 +400,8 @@ def _search(
         if not restore:
             write_json(paths.spec_uri, spec.to_dict())  # from here on the name is taken
         try:
-            _tuner(spec, paths, trainable, param_space, concurrent, restore).fit()
+            with ResourceWatch(out):  # trials whose workers Ray cannot place get a line, not silence
+                _tuner(spec, paths, trainable, param_space, concurrent, restore).fit()
         finally:
             _LIVE.pop(paths.uri, None)
             reporter.close()
