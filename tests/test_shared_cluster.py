@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ray_nodes import free_port
 from tltrain import storage
 from tltrain.storage.lease import LEASE_FILE, STALE_S, LeaseHeld, LeaseInfo, _store, acquire
 
@@ -171,12 +172,6 @@ def test_two_train_starts_of_one_name_on_s3_one_trains_the_other_is_refused(
     assert json.loads(winner[1].strip().splitlines()[-1])["epochs_completed"] == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def other_ray_instance() -> Iterator[None]:
     """A second Ray instance on this machine (a colleague's), started by `ray start` and stopped by its pid."""
@@ -184,7 +179,7 @@ def other_ray_instance() -> Iterator[None]:
     env = {**os.environ, "RAY_TMPDIR": tmp}
     env.pop("RAY_ADDRESS", None)
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus", "1",
-           "--port", str(_free_port()), "--dashboard-port", str(_free_port()), "--disable-usage-stats"]  # fmt: skip
+           "--port", str(free_port()), "--dashboard-port", str(free_port()), "--disable-usage-stats"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while not (Path(tmp) / "ray" / "ray_current_cluster").exists():
@@ -249,3 +244,47 @@ def test_a_sweep_beside_another_ray_instance_finishes_and_frees_every_placement_
     captured = capfd.readouterr()
     logs = captured.out + captured.err + (tmp_path / "sweep.out").read_text()
     assert "multiple active Ray instances" not in logs and "Traceback" not in logs, logs[-3000:]
+
+
+@pytest.mark.integration
+def test_a_sweep_that_cannot_get_its_workers_says_what_it_waits_for(
+    tmp_path: Path, fashion_folders: tuple[str, str]
+) -> None:
+    from tltrain.execution.resource_watch import WAIT_WARN_S
+
+    workers = (os.cpu_count() or 2) + 2  # more CPUs than this machine's local Ray has
+    tune = {"num_samples": 2, "metric": "val/acc", "mode": "max", "space": {"optim.lr": {"choice": [1e-3, 3e-3]}}}
+    path = _spec(tmp_path, fashion_folders, "starved", str(tmp_path / "runs"), tune=tune)
+    path.write_text(path.read_text().replace("num_workers: 1", f"num_workers: {workers}"))
+    proc = _tltrain("tune", str(path), cwd=tmp_path)
+    assert proc.stdout is not None
+    started, line = time.monotonic(), ""
+    try:
+        while "waiting" not in line:
+            line = proc.stdout.readline()
+            assert line or proc.poll() is None, "the sweep ended without saying it waited"
+            assert time.monotonic() - started < WAIT_WARN_S + 90, "no resource line in time"
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, as a user would once told
+        out, err = proc.communicate(timeout=120)
+    waited = time.monotonic() - started
+    assert f"asks for {workers} bundle(s), CPU {workers:g} in all" in line, line
+    assert "free of CPU" in line and "scaling.num_workers" in line, line
+    assert waited >= WAIT_WARN_S
+    assert proc.returncode == 130, err[-2000:]
+
+
+def test_the_wait_line_names_the_request_what_is_free_and_who_holds_the_rest() -> None:
+    from tltrain.execution.resource_watch import describe_wait
+
+    table = {
+        "a": {"placement_group_id": "aaaaaaaa11", "state": "PENDING", "strategy": "SPREAD",
+              "bundles": {0: {"CPU": 1.0, "GPU": 1.0}, 1: {"CPU": 1.0, "GPU": 1.0}}},
+        "t": {"placement_group_id": "tttttttt11", "state": "CREATED", "name": "", "bundles": {0: {"memory": 1.0}}},
+        "h": {"placement_group_id": "hhhhhhhh11", "state": "CREATED", "name": "nb",
+              "bundles": {0: {"CPU": 4.0, "GPU": 1.0}}},
+    }  # fmt: skip
+    line = describe_wait(table["a"], 31.2, table, {"CPU": 4.0, "GPU": 0.0}, {"CPU": 8.0, "GPU": 1.0})
+    assert line.startswith("waiting 31s for resources: placement group aaaaaaaa (SPREAD) asks for 2 bundle(s)")
+    assert "CPU 2, GPU 2 in all; the cluster has CPU 4 free of CPU 8, GPU 1" in line
+    assert "held by 1 placement group(s): hhhhhhhh nb: CPU 4, GPU 1." in line  # Tune's 0-CPU holder left out

@@ -7,14 +7,11 @@ import http.server
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
+from ray_nodes import LocalRayCluster
 from tltrain.cli import build_parser
 from tltrain.commands import jobs as cli_jobs
 from tltrain.commands import submit as submit_cmd
@@ -31,13 +29,6 @@ from tltrain.spec.load import load_spec
 
 VENV_BIN = Path(sys.executable).parent
 TLTRAIN = str(VENV_BIN / "tltrain") if (VENV_BIN / "tltrain").exists() else shutil.which("tltrain")
-RAY = str(VENV_BIN / "ray") if (VENV_BIN / "ray").exists() else shutil.which("ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_spec(path: Path, **sections: Any) -> Path:
@@ -263,159 +254,8 @@ def test_relative_local_storage_is_refused(tmp_path: Path) -> None:
 # End to end: two Ray nodes on 127.0.0.1, S3 on 127.0.0.1, the real CLI
 
 
-class TwoNodeCluster:
-    """`ray start --head` + `ray start --address` as two `--block` processes in their own sessions.
-
-    Each node gets its own ports and --temp-dir, 1 CPU and a custom resource naming it. (Ray
-    advertises the machine's address even when told 127.0.0.1; the dashboard listens on
-    127.0.0.1.) Teardown stops exactly what it started: SIGTERM to each `ray start --block` (which
-    drains and shuts its node down), then a kill of any process recorded in their process trees
-    (or carrying this cluster's marker variable) that outlived them. Never `ray stop`: it would
-    hit every Ray on the machine.
-    """
-
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
-        self.root = root
-        self.marker = f"tltrain-e2e-{uuid.uuid4().hex[:8]}"
-        self.env = {**env, "TLTRAIN_E2E_CLUSTER": self.marker}
-        self.gcs_port = _free_port()
-        self.dashboard_port = _free_port()
-        self.address = f"http://127.0.0.1:{self.dashboard_port}"
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def _node_args(self, name: str) -> list[str]:
-        ports = {
-            "--node-manager-port": _free_port(),
-            "--object-manager-port": _free_port(),
-            "--metrics-export-port": _free_port(),
-            "--dashboard-agent-listen-port": _free_port(),
-            "--dashboard-agent-grpc-port": _free_port(),
-            "--runtime-env-agent-port": _free_port(),
-        }
-        low = 20000 + (os.getpid() % 200) * 100 + (0 if name == "head" else 50)
-        return [
-            "--block",
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=1",
-            "--num-gpus=0",
-            f"--resources={json.dumps({f'e2e_{name}': 1})}",
-            f"--temp-dir={self.root / name}",
-            "--object-store-memory=100000000",
-            "--disable-usage-stats",
-            f"--min-worker-port={low}",
-            f"--max-worker-port={low + 49}",
-            *[f"{k}={v}" for k, v in ports.items()],
-        ]
-
-    def _start(self, name: str, extra: list[str]) -> None:
-        log = open(self.root / f"{name}.log", "wb")
-        proc = subprocess.Popen(
-            [RAY, "start", *extra, *self._node_args(name)],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.procs.append(proc)
-
-    def start(self) -> None:
-        self._start(
-            "head",
-            [
-                "--head",
-                f"--port={self.gcs_port}",
-                "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={self.dashboard_port}",
-                f"--ray-client-server-port={_free_port()}",
-            ],
-        )
-        # One node at a time: `ray start` gives its raylet a fixed 30 s to register.
-        self._wait(lambda: self._started("head") and self._get("/api/version") is not None, 180, "the head")
-        self._start("node2", [f"--address=127.0.0.1:{self.gcs_port}"])
-        self._wait(lambda: self._started("node2") and len(self.alive_nodes()) == 2, 180, "the second node to join")
-
-    def _started(self, name: str) -> bool:
-        return "Ray runtime started" in (self.root / f"{name}.log").read_text(errors="replace")
-
-    def _get(self, path: str) -> Any:
-        try:
-            with urllib.request.urlopen(self.address + path, timeout=5) as r:
-                return json.loads(r.read())
-        except Exception:
-            return None
-
-    def alive_nodes(self) -> list[dict[str, Any]]:
-        from ray.util.state import list_nodes
-
-        try:
-            return [n.__dict__ for n in list_nodes(address=self.address, filters=[("state", "=", "ALIVE")])]
-        except Exception:
-            return []
-
-    def _wait(self, ok: Any, timeout_s: float, what: str) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in self.procs):
-                raise RuntimeError(f"a `ray start` exited early:\n{self.log_tails()}")
-            if ok():
-                return
-            time.sleep(1)
-        raise TimeoutError(f"waited {timeout_s:.0f}s for {what}:\n{self.log_tails()}")
-
-    def log_tails(self, lines: int = 25) -> str:
-        return "\n".join(
-            f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-            for log in sorted(self.root.glob("*.log"))
-        )
-
-    def _started_processes(self) -> list[Any]:
-        """Every live process these `ray start` commands begat: their process trees (GCS, raylets,
-        dashboard, agents, workers, job drivers), plus any that left the tree but still carry this
-        cluster's marker in their environment."""
-        import psutil
-
-        found: dict[int, Any] = {}
-        for popen in self.procs:
-            try:
-                root = psutil.Process(popen.pid)
-                for proc in [root, *root.children(recursive=True)]:
-                    found[proc.pid] = proc
-            except psutil.NoSuchProcess:
-                continue
-        for proc in psutil.process_iter():
-            try:
-                if proc.pid not in found and proc.environ().get("TLTRAIN_E2E_CLUSTER") == self.marker:
-                    found[proc.pid] = proc
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-        return list(found.values())
-
-    def stop(self) -> None:
-        import psutil
-
-        started = self._started_processes()
-        for popen in reversed(self.procs):  # the worker node first, then the head
-            if popen.poll() is None:
-                popen.send_signal(signal.SIGTERM)  # `ray start --block` drains, then stops its node
-        for popen in reversed(self.procs):
-            try:
-                popen.wait(timeout=45)
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                popen.wait()
-        # Whatever outlived its node (agents, workers): only the processes recorded above.
-        # psutil's is_running() also checks the start time, so a recycled PID is never hit.
-        left = [p for p in started + self._started_processes() if p.is_running()]
-        for proc in left:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=10)
-
-
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeCluster]:
+def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRayCluster]:
     # Unix socket paths under a session dir must stay short: not under pytest's deep tmp_path.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS"))}
     # No credentials on the nodes: the job gets them only through `tltrain submit`'s runtime env.
@@ -423,7 +263,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeClust
     attempts = 3  # a loaded machine can miss Ray's fixed 30 s raylet registration window
     for attempt in range(1, attempts + 1):
         root = Path(tempfile.mkdtemp(prefix="tlt-", dir="/tmp"))
-        cluster = TwoNodeCluster(root, env)
+        cluster = LocalRayCluster(root, env)
         try:
             cluster.start()
             break
@@ -464,7 +304,7 @@ def _wait_for(ok: Any, timeout_s: float, what: str) -> Any:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_submit_two_node_job_end_to_end(
-    two_nodes: TwoNodeCluster,
+    two_nodes: LocalRayCluster,
     s3_bucket: str,
     fashion_folders: tuple[str, str],
     tmp_path: Path,
