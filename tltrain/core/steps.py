@@ -123,16 +123,19 @@ def build_loss(lp: LoopSpec, class_weights: list[float] | None, device: torch.de
     """loss(logits, target): target is class indices, or (with mixup/cutmix) soft targets that
     already carry the label smoothing. Class weights weigh each image's loss by its class, as
     cross_entropy(weight=...) does: a weighted mean, so the loss scale does not move with them."""
+    from timm.loss import SoftTargetCrossEntropy
+
     weight = torch.tensor(class_weights, dtype=torch.float32, device=device) if class_weights else None
+    soft = SoftTargetCrossEntropy()
 
     def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if target.dim() == 1:
             return nn.functional.cross_entropy(logits, target, weight=weight, label_smoothing=lp.label_smoothing)
-        logp = nn.functional.log_softmax(logits.float(), dim=-1)
-        if weight is None:  # timm's SoftTargetCrossEntropy
-            return torch.sum(-target * logp, dim=-1).mean()
+        if weight is None:
+            return soft(logits.float(), target)
+        # timm has no class-weighted soft-target loss: the weighted mean cross_entropy(weight=) uses.
         w = target * weight
-        return torch.sum(-w * logp) / w.sum()
+        return torch.sum(-w * nn.functional.log_softmax(logits.float(), dim=-1)) / w.sum()
 
     return loss
 
