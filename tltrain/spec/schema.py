@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tltrain.spec import metrics
+from tltrain.spec.packing import GPU_GRANULARITY, GPU_MEMORY_SHARE, MAX_AUTO_TRIALS_PER_GPU, MAX_TRIALS_PER_GPU
 from tltrain.spec.space import parse_distribution
 
 DEFAULT_STORE_DIR = "~/.tltrain"
@@ -306,7 +307,15 @@ class LoopSpec(_Section):
 
 class ScalingSpec(_Section):
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers (DDP ranks)")
-    use_gpu: bool = Field(default=False, description="one GPU per worker, NCCL; false = CPU workers, gloo")
+    use_gpu: bool = Field(
+        default=False, description="GPU workers (scaling.gpus_per_worker each), NCCL; false = CPU workers, gloo"
+    )
+    gpus_per_worker: float | None = Field(
+        default=None,
+        description="with use_gpu: the GPU share each worker reserves from Ray; null = 1; a fraction in (0, 1) "
+        "lets Ray place several 1-worker runs (e.g. Tune trials) on one GPU, which then share its memory "
+        "and compute (1-worker runs only; tune.trials_per_gpu sets it for a sweep)",
+    )
     batch_size_per_worker: int = Field(default=32, ge=1, description="micro-batch size on each worker")
     cpus_per_worker: float = Field(default=1.0, gt=0.0, description="CPUs reserved per worker (data loading)")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
@@ -317,6 +326,34 @@ class ScalingSpec(_Section):
     address: str | None = Field(
         default=None, description="Ray cluster address; null = RAY_ADDRESS or a local Ray started on demand"
     )
+
+    @model_validator(mode="after")
+    def _gpu_share(self) -> ScalingSpec:
+        share = self.gpus_per_worker
+        if share is None:
+            return self
+        if not self.use_gpu:
+            raise ValueError(
+                f"scaling.gpus_per_worker {share:g} is a GPU share, and scaling.use_gpu is false (CPU workers "
+                "reserve no GPU): set scaling.use_gpu true, or drop scaling.gpus_per_worker"
+            )
+        if share > 1:
+            raise ValueError(
+                f"scaling.gpus_per_worker {share:g}: a worker drives one GPU; for more GPUs raise "
+                "scaling.num_workers (one GPU each), or use a share in (0, 1] to put several runs on one GPU"
+            )
+        if share < GPU_GRANULARITY:
+            raise ValueError(
+                f"scaling.gpus_per_worker {share:g}: Ray's smallest resource unit is {GPU_GRANULARITY:g}; use a "
+                f"share in [{GPU_GRANULARITY:g}, 1]"
+            )
+        if share < 1 and self.num_workers > 1:
+            raise ValueError(
+                f"scaling.gpus_per_worker {share:g} shares a GPU, which only a 1-worker run may do (Ray could put "
+                f"two of the {self.num_workers} DDP ranks on one GPU, which NCCL refuses): use "
+                "scaling.gpus_per_worker 1 with several workers, or scaling.num_workers 1"
+            )
+        return self
 
 
 class StorageSpec(_Section):
@@ -362,6 +399,13 @@ class TuneSpec(_Section):
     max_concurrent_trials: int | None = Field(
         default=None, ge=1, description="cap on trials at once; null = as resources allow"
     )
+    trials_per_gpu: int | Literal["auto"] = Field(
+        default=1,
+        description="1-worker GPU trials packed onto one GPU: k = each trial reserves 1/k of a GPU, so Ray runs "
+        f"up to k per GPU (1..{MAX_TRIALS_PER_GPU}); auto = k from training steps measured on a GPU before "
+        f"the sweep (largest searched batch, at most {GPU_MEMORY_SHARE:.0%} of its memory, at most "
+        f"{MAX_AUTO_TRIALS_PER_GPU}); 1 = a whole GPU per worker",
+    )
     space: dict[str, Distribution | Literal["auto"]] = Field(
         default_factory=dict,
         description="dotted spec path -> {choice: [a, b, ...]} | {randint: [low, high]} (integers, both ends "
@@ -373,6 +417,16 @@ class TuneSpec(_Section):
     @classmethod
     def _reported(cls, v: str) -> str:
         return metrics.check_rankable(v)
+
+    @field_validator("trials_per_gpu")
+    @classmethod
+    def _packing_bounds(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= MAX_TRIALS_PER_GPU:
+            raise ValueError(
+                f"{v} trials per GPU: use 1..{MAX_TRIALS_PER_GPU} (past that, Ray's {GPU_GRANULARITY:g} resource units "
+                'cannot give k trials exactly 1/k each), or "auto" to size it by measured memory'
+            )
+        return v
 
     @field_validator("space", mode="before")
     @classmethod
@@ -411,12 +465,36 @@ class JobSpec(_Section):
             raise ValueError("data: set either data.val or data.val_fraction, not both")
         if self.data.val is None and self.data.val_fraction is None:
             raise ValueError("data: set data.val (a folder) or data.val_fraction (e.g. 0.1)")
+        self._check_packing()
         if self.loop.mixes and self.scaling.batch_size_per_worker % 2:
             raise ValueError(
                 f"loop.mixup_alpha/cutmix_alpha mix each batch with its reverse (timm Mixup), which needs an even "
                 f"scaling.batch_size_per_worker (got {self.scaling.batch_size_per_worker}): use 2 or more, even"
             )
         return self
+
+    def _check_packing(self) -> None:
+        """tune.trials_per_gpu shares a GPU between 1-worker GPU trials: it sets each trial's
+        scaling.gpus_per_worker, so the two are not both set."""
+        packing = self.tune.trials_per_gpu if self.tune is not None else 1
+        if packing == 1:
+            return
+        if not self.scaling.use_gpu:
+            raise ValueError(
+                f"tune.trials_per_gpu {packing} packs trials onto GPUs, and scaling.use_gpu is false: set "
+                "scaling.use_gpu true, or tune.trials_per_gpu 1 (CPU trials run as scaling.cpus_per_worker allows)"
+            )
+        if self.scaling.num_workers > 1:
+            raise ValueError(
+                f"tune.trials_per_gpu {packing} packs 1-worker trials onto a GPU, and scaling.num_workers is "
+                f"{self.scaling.num_workers} (DDP ranks sharing a GPU: NCCL refuses them): set "
+                "scaling.num_workers 1, or tune.trials_per_gpu 1"
+            )
+        if self.scaling.gpus_per_worker is not None:
+            raise ValueError(
+                f"tune.trials_per_gpu {packing} and scaling.gpus_per_worker {self.scaling.gpus_per_worker:g} both set "
+                "a trial's GPU share: keep one (trials_per_gpu k = gpus_per_worker 1/k)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec as plain JSON types (saved with checkpoints and logged as params)."""
