@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tltrain.core.checkpoint import CheckpointMeta, LoopState
+from tltrain.core.live import LiveSteps
 from tltrain.core.model import LayerGroup
 from tltrain.core.optim import (
     apply_freeze,
@@ -104,12 +105,14 @@ def train(
     resume: Resume | None = None,
     started_at: float | None = None,
     class_weights: list[float] | None = None,
+    live: LiveSteps | None = None,
 ) -> LoopState:
     """Fine-tune `model` (weights already loaded) for spec.loop.epochs, reporting once per epoch.
 
-    `meta` (class names, data config, lineage) is saved with every checkpoint, its epoch, step and
-    metrics filled in here. `started_at` (perf_counter) is when the worker began setting up; the
-    first epoch's `epoch_wall_s` counts from there. `class_weights` (per label) weigh the loss.
+        `meta` (class names, data config, lineage) is saved with every checkpoint, its epoch, step and
+        metrics filled in here. `started_at` (perf_counter) is when the worker began setting up; the
+        first epoch's `epoch_wall_s` counts from there. `class_weights` (per label) weigh the loss.
+    `live` (rank 0 only) hears of the steps inside each epoch, for the driver's progress line.
     """
     rank, world_size = distributed()
     lp = spec.loop
@@ -139,7 +142,7 @@ def train(
     compiled = cast(nn.Module, torch.compile(model)) if lp.compile else model
     loss = build_loss(lp, class_weights, device)
     trainer = Trainer(model, compiled, optimizer, scheduler, scaler, device, lp, channels_last, loss,
-                      mixup=build_mixup(lp, num_classes), ema=_build_ema(model, lp, resume))  # fmt: skip
+                      mixup=build_mixup(lp, num_classes), ema=_build_ema(model, lp, resume), live=live)  # fmt: skip
     # Wall time between reports: training, evaluation, checkpoint save and the previous report's
     # upload (the cost of holding the workers; epoch_time_s is the training steps alone).
     since_report = started_at if started_at is not None else time.perf_counter()
@@ -159,6 +162,8 @@ def train(
 
         trainer.ddp_model.train()
         set_frozen_norms_eval(model)
+        if live is not None:
+            live.start_epoch(epoch + 1, lp.epochs, steps_per_epoch)
         sums = trainer.train_epoch(train_loader, steps_per_epoch, state)
         train_metrics = epoch_metrics(sums, device)
         # The unwrapped module: a DDP forward in eval is a collective (buffer broadcast) that a rank

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tltrain.core.checkpoint import CheckpointMeta, LoopState, save_checkpoint
+from tltrain.core.live import LiveSteps
 from tltrain.core.scores import summary_scores
 from tltrain.core.tta import Views, tta_log_probs
 from tltrain.spec.metrics import (
@@ -174,6 +175,7 @@ class Trainer:
     loss: Loss
     mixup: Callable[..., Any] | None = None
     ema: Any = None  # timm ModelEmaV3 of `model`, updated after every optimizer step; None = off
+    live: LiveSteps | None = None  # rank 0's in-epoch progress to the driver; None elsewhere
 
     def train_epoch(self, loader: Any, steps: int, state: LoopState) -> dict[str, float]:
         """`steps` optimizer steps of grad_accum micro-batches; returns this rank's sums."""
@@ -214,6 +216,8 @@ class Trainer:
             if self.ema is not None:  # every rank holds the same weights after the step: no collective
                 self.ema.update(self.model)
             state.global_step += 1
+            if self.live is not None:
+                self.live.step(step_in_epoch + 1, images_seen, loss_sum, data_wait_s)
             t_fetch = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -61,7 +61,7 @@ def _train(
             tracker.log_epoch(metrics, step=int(metrics["epoch"]))
 
         with ResourceWatch(out):  # a worker group Ray cannot place gets a line, not silence
-            result = fit(spec, plan, on_report)
+            result = fit(spec, plan, on_report, on_step=progress.step)
         if result.error is not None:
             tracker.end("FAILED")
             raise result.error

@@ -27,14 +27,20 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tltrain import storage
 from tltrain.core.checkpoint import MANIFEST_FILE, META_FILE, CheckpointMeta
+from tltrain.core.live import STEP
 from tltrain.core.plan import TrainPlan
-from tltrain.execution.worker import checkpoint_uri, worker_fn
+from tltrain.execution.packing import for_fake_gpus
+from tltrain.execution.worker import FORWARD_LOGS, LOG, PROGRESS_QUEUE, checkpoint_uri, worker_fn
+from tltrain.reports import console
 from tltrain.spec.metrics import ranked
+from tltrain.spec.packing import worker_gpus
 from tltrain.spec.schema import JobSpec
 
 log = logging.getLogger(__name__)
 
 OnReport = Callable[[dict[str, Any], "str | None"], None]
+OnStep = Callable[[dict[str, Any]], None]
+REPORT = "report"  # queue message kinds: an epoch's report here, core.live.STEP, worker.LOG
 
 
 class ForwardReports(UserCallback):
@@ -45,7 +51,7 @@ class ForwardReports(UserCallback):
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         path = checkpoint.path if checkpoint is not None else None
-        self.queue.put((metrics[0], path))
+        self.queue.put({"kind": REPORT, "metrics": metrics[0], "path": path})
 
 
 @dataclass
@@ -66,8 +72,7 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
     instances", and every placement group of a trial that Tune stopped then stays reserved, so
     later trials never start. So the job's runtime env names the cluster for every actor and
     task: RAY_ADDRESS when we attach to a known address, or, for a local Ray we start, the State
-    API server (the dashboard) on a port chosen here. Worker logs reach the driver; Ray's INFO
-    chatter does not."""
+    API server (the dashboard) on a port chosen here."""
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {}
@@ -82,7 +87,25 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
                       runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": url}})  # fmt: skip
     elif target != "auto" and not target.startswith("ray://") and not inside_ray_job:
         kwargs["runtime_env"] = {"env_vars": {"RAY_ADDRESS": target}}
-    ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, log_to_driver=True, **kwargs)
+    # Ray's own lines (its driver logger; every actor's and worker's output, which Ray forwards to
+    # the driver) go to the library log unless the user asked for them (`--library-logs`);
+    # tltrain's worker-side lines reach the driver through the report queue instead (`fit`).
+    quiet = not console.library_logs()
+    if quiet:
+        console.adopt("ray")  # `import ray` gave it its own stderr handler
+        console.capture_native_stderr()  # its C++ core worker writes to fd 2 directly
+    ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, configure_logging=not quiet,
+             log_to_driver=not quiet, **kwargs)  # fmt: skip
+    if quiet:
+        console.announce(f"Ray's worker logs: {_ray_logs_dir()}")
+
+
+def _ray_logs_dir() -> str:
+    try:  # no public API names the session directory; the head node's default is the fallback
+        node: Any = ray._private.worker._global_node
+        return str(node.get_logs_dir_path())
+    except Exception:  # noqa: BLE001
+        return f"{tempfile.gettempdir()}/ray/session_latest/logs (on the head node)"
 
 
 def _free_port() -> int:
@@ -123,10 +146,12 @@ def build_trainer(
         Path(storage_path).mkdir(parents=True, exist_ok=True)
     keep_working_dir()
     resources = {"CPU": spec.scaling.cpus_per_worker}
-    if spec.scaling.use_gpu:
-        resources["GPU"] = 1
+    if spec.scaling.use_gpu:  # a share below 1 packs 1-worker runs onto one GPU (spec/packing.py)
+        resources["GPU"] = worker_gpus(spec.scaling.use_gpu, spec.scaling.gpus_per_worker)
+    worker, torch_config = for_fake_gpus(spec, worker)  # TLTRAIN_FAKE_GPUS=1 only: CPU + gloo
     return TorchTrainer(
         worker,
+        torch_config=torch_config,
         train_loop_config={"spec": spec.to_dict(), "plan": plan.to_dict() if plan else None, **(extra_config or {})},
         scaling_config=ScalingConfig(
             num_workers=spec.scaling.num_workers,
@@ -157,23 +182,37 @@ def fit(
     name: str | None = None,
     worker: Callable[[dict[str, Any]], None] = worker_fn,
     extra_config: dict[str, Any] | None = None,
+    on_step: OnStep | None = None,
 ) -> FitResult:
     """Run the training job; `on_report(metrics, checkpoint_uri)` is called on the driver for every
-    report of rank 0 (once per epoch for worker_fn)."""
+    report of rank 0 (once per epoch for worker_fn), `on_step(message)` for rank 0's in-epoch
+    progress (core.live). Workers' tltrain log lines are re-logged here when Ray's own worker
+    output is kept off the terminal."""
     ensure_ray(spec.scaling.address)
     # On the driver's node, as Ray Train pins its controller: a queue actor left to the scheduler
     # can land on a worker node, and losing that node would then end the run (seen in the
     # node-loss test) although Ray Train itself survives it.
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     queue: Queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    trainer = build_trainer(spec, plan, [ForwardReports(queue)], name, worker=worker, extra_config=extra_config)
+    channel: dict[str, Any] = {PROGRESS_QUEUE: queue if on_step is not None or not console.library_logs() else None}
+    if not console.library_logs():
+        channel[FORWARD_LOGS] = logging.getLogger("tltrain").getEffectiveLevel()
+    trainer = build_trainer(spec, plan, [ForwardReports(queue)], name, worker=worker,
+                            extra_config={**channel, **(extra_config or {})})  # fmt: skip
 
     def drain(block_s: float) -> None:
         try:
-            metrics, path = queue.get(timeout=block_s) if block_s else queue.get_nowait()
+            message = queue.get(timeout=block_s) if block_s else queue.get_nowait()
         except Empty:
             return
-        on_report(metrics, checkpoint_uri(spec.storage.uri, path) if path else None)
+        kind = message.get("kind")
+        if kind == REPORT:
+            path = message["path"]
+            on_report(message["metrics"], checkpoint_uri(spec.storage.uri, path) if path else None)
+        elif kind == STEP and on_step is not None:
+            on_step(message)
+        elif kind == LOG:
+            logging.getLogger(message["name"]).log(message["level"], "%s", message["text"])
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(trainer.fit)

@@ -2,8 +2,10 @@
 
 Each trial is a whole Ray Train run (the spec's workers) started from a Tune trial function that
 itself reserves no CPU, so the trainer's workers can be placed; trials run side by side as far as
-the cluster's CPUs/GPUs allow (or tune.max_concurrent_trials). Where a sweep lives in storage and how
-a trial's record is built: sweep_store.py; the MLflow runs: sweep_tracking.py; the table and summary: reports/sweep.py.
+the cluster's CPUs/GPUs allow (or tune.max_concurrent_trials); with tune.trials_per_gpu k, each
+1-worker trial reserves 1/k of a GPU (execution/packing.py measures k for auto). Where a sweep
+lives in storage and how a trial's record is built: sweep_store.py; the MLflow runs:
+sweep_tracking.py; the table and summary: reports/sweep.py.
 
 Resume: Tune's own experiment state (trials, searcher, scheduler) is synced to storage about every
 10 s; a trial that finished after the last sync would be re-run from it, so the driver writes a
@@ -21,12 +23,14 @@ import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+import ray
 from ray import tune
 
 from tltrain import storage
 from tltrain.core.checkpoint import MANIFEST_FILE
 from tltrain.core.plan import TrainPlan, count_layer_groups
 from tltrain.execution.evaluate import score_checkpoint, test_split_of
+from tltrain.execution.packing import announce_fake_gpus, resolve_trials_per_gpu
 from tltrain.execution.preflight import build_plan
 from tltrain.execution.resource_watch import ResourceWatch
 from tltrain.execution.sweep_store import (
@@ -41,10 +45,11 @@ from tltrain.execution.sweep_store import (
 )
 from tltrain.execution.sweep_tracking import track_sweep, track_trial
 from tltrain.execution.trainer import build_trainer, ensure_ray, keep_working_dir
-from tltrain.reports.sweep import describe_sweep, describe_trial, print_table, summarize
+from tltrain.reports.sweep import describe_sweep, describe_trial, print_table, standing, summarize
 from tltrain.spec.metrics import IMG_PER_S
+from tltrain.spec.packing import gpu_fraction, trials_at_once, trials_that_fit, worker_gpus
 from tltrain.spec.schema import JobSpec, SpecError
-from tltrain.spec.search import validate_space
+from tltrain.spec.search import apply_config, validate_space
 from tltrain.spec.space import Dist
 
 log = logging.getLogger(__name__)
@@ -63,9 +68,12 @@ def _trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
 
-def run_trial(config: dict[str, Any], spec_dict: dict[str, Any], plan_dict: dict[str, Any]) -> None:
+def run_trial(
+    config: dict[str, Any], spec_dict: dict[str, Any], plan_dict: dict[str, Any], gpu_share: float | None = None
+) -> None:
     """One trial = one Ray Train run of the spec with the sampled values; Train's reports reach
-    Tune through TuneReportCallback (ASHA sees every epoch)."""
+    Tune through TuneReportCallback (ASHA sees every epoch). `gpu_share`: the trial's worker's
+    GPU share under tune.trials_per_gpu (resolved on the driver; `auto` is measured there)."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     spec = JobSpec.model_validate(spec_dict)
@@ -83,6 +91,8 @@ def run_trial(config: dict[str, Any], spec_dict: dict[str, Any], plan_dict: dict
         tune.report({**last, _REPLAYED: True})
         return
     tspec = trial_spec(spec, paths, trial_id, config)
+    if gpu_share is not None:
+        tspec = apply_config(tspec, {"scaling.gpus_per_worker": gpu_share})
     prior = train_run_result(paths, trial_id)
     latest = prior.metrics if prior is not None and prior.checkpoint is not None else None
     if latest and (int(latest.get("epoch", 0)) >= tspec.loop.epochs or latest.get("stopped_early")):
@@ -232,6 +242,8 @@ class _SweepReporter:
             log.warning("MLflow: could not log trial %s: %s", trial_id, err)
         self.records[trial_id] = record
         print(f"[{trial_id}] {describe_trial(record, self.spec)}", file=self.out, flush=True)
+        running = len(self.started - self.completed)
+        print(standing(list(self.records.values()), running, self.spec), file=self.out, flush=True)
         return record
 
     def checked(self, record: dict[str, Any]) -> dict[str, Any]:
@@ -264,33 +276,31 @@ def _ray_domain(dist: Dist) -> Any:
     return tune.loguniform(low, high)
 
 
-def _max_concurrent(spec: JobSpec, space: dict[str, Dist]) -> int:
-    """tune.max_concurrent_trials, else as many trials as the cluster's CPUs/GPUs hold at once
-    (each trial needs num_workers x cpus_per_worker CPUs, and a GPU per worker with use_gpu)."""
-    import ray
-
+def _max_concurrent(spec: JobSpec, space: dict[str, Dist], resources: dict[str, float], trials_per_gpu: int = 1) -> int:
+    """tune.max_concurrent_trials, else as many trials as the cluster's CPUs/GPUs (`resources`)
+    hold at once: each trial needs num_workers x cpus_per_worker CPUs and, with use_gpu, its GPU
+    share per worker (1/trials_per_gpu when packed, else scaling.gpus_per_worker)."""
     assert spec.tune is not None
-    if spec.tune.max_concurrent_trials is not None:
-        return min(spec.tune.max_concurrent_trials, spec.tune.num_samples)
 
     def worst(key: str, default: Any) -> Any:
         dist = space.get(key)
-        return max(dist.candidates()) if dist is not None else default
+        values = [v for v in dist.candidates() if v is not None] if dist is not None else []
+        return max(values) if values else default
 
     workers = worst("scaling.num_workers", spec.scaling.num_workers)
-    cpus = workers * worst("scaling.cpus_per_worker", spec.scaling.cpus_per_worker)
+    cpus = worst("scaling.cpus_per_worker", spec.scaling.cpus_per_worker)
     use_gpu = bool(worst("scaling.use_gpu", spec.scaling.use_gpu))
-    resources = ray.cluster_resources()
-    fits = math.floor(resources.get("CPU", 0.0) / cpus + 1e-9)
-    if use_gpu:
-        fits = min(fits, math.floor(resources.get("GPU", 0.0) / workers + 1e-9))
-    if fits < 1:
+    gpus = worker_gpus(use_gpu, worst("scaling.gpus_per_worker", spec.scaling.gpus_per_worker))
+    if trials_per_gpu > 1:
+        gpus = gpu_fraction(trials_per_gpu)
+    fits = trials_that_fit(resources.get("CPU", 0.0), resources.get("GPU", 0.0), workers, cpus, gpus)
+    if fits < 1 and spec.tune.max_concurrent_trials is None:
         log.warning(
             "tune: the cluster has %s CPU / %s GPU now, a trial needs %s CPU%s; running one trial at a time "
-            "(an autoscaler may add nodes)", resources.get("CPU", 0), resources.get("GPU", 0), cpus,
-            f" + {workers} GPU" if use_gpu else "",
+            "(an autoscaler may add nodes)", resources.get("CPU", 0), resources.get("GPU", 0), workers * cpus,
+            f" + {workers * gpus:g} GPU" if use_gpu else "",
         )  # fmt: skip
-    return max(1, min(fits, spec.tune.num_samples))
+    return trials_at_once(fits, spec.tune.num_samples, spec.tune.max_concurrent_trials)
 
 
 def _tuner(
@@ -382,14 +392,18 @@ def _search(
 
     ensure_ray(spec.scaling.address)
     keep_working_dir()  # else each trial process starts inside its Tune trial folder
-    concurrent = _max_concurrent(spec, space)
+    announce_fake_gpus(spec, out)
+    packed = resolve_trials_per_gpu(spec, plan, space, out)  # auto: measured on a GPU, before any trial
+    gpu_share = gpu_fraction(packed) if packed > 1 else None
+    concurrent = _max_concurrent(spec, space, ray.cluster_resources(), packed)
     describe_sweep(spec, plan, space, concurrent, out)
     param_space = {key: _ray_domain(dist) for key, dist in space.items()}
     # The trial function only waits on its trainer, whose workers reserve the real CPUs/GPUs; a
     # trial must reserve none of them or a trial's own CPU would keep the trainer's workers from
     # being placed. Tune refuses an all-zero request, hence one byte of "memory" (every node has it).
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec_dict=spec.to_dict(), plan_dict=plan.to_dict()), {"CPU": 0, "memory": 1}
+        tune.with_parameters(run_trial, spec_dict=spec.to_dict(), plan_dict=plan.to_dict(), gpu_share=gpu_share),
+        {"CPU": 0, "memory": 1},
     )
     with open_tracker(spec, run_name=spec.name, tags={"tltrain.kind": "sweep"}, resume=resume) as parent:
         parent.log_spec(spec.to_dict())

@@ -30,6 +30,7 @@ from tltrain.core.checkpoint import (
     load_twins,
     verify_checkpoint,
 )
+from tltrain.core.live import LiveSteps
 from tltrain.core.loop import Resume, train
 from tltrain.core.model import build_model, layer_groups
 from tltrain.core.plan import TrainPlan
@@ -190,6 +191,13 @@ def worker_fn(config: dict[str, Any]) -> None:
         invalid_checkpoints=sorted(set((resume.meta.invalid_checkpoints if resume else []) + rejected)),
     )
     upload = _upload_fn(spec)
+    queue = config.get(PROGRESS_QUEUE)  # the driver's (train/compare); Tune trials have none
+    live = None
+    if queue is not None:
+        send = _sender(queue)
+        if config.get(FORWARD_LOGS) is not None:
+            _forward_logs(send, rank, int(config[FORWARD_LOGS]))
+        live = LiveSteps(send, world_size) if rank == 0 else None
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -208,7 +216,48 @@ def worker_fn(config: dict[str, Any]) -> None:
         resume=resume,
         started_at=started_at,
         class_weights=plan.class_weights,
+        live=live,
     )
+
+
+PROGRESS_QUEUE = "progress_queue"  # worker config keys set by trainer.fit
+FORWARD_LOGS = "forward_logs"
+LOG = "log"  # a queue message kind beside core.live.STEP and trainer's report
+
+
+def _sender(queue: Any) -> Callable[[dict[str, Any]], None]:
+    """A put into the driver's queue that never blocks training for long (one actor round trip)."""
+
+    def send(message: dict[str, Any]) -> None:
+        queue.put(message, block=False)
+
+    return send
+
+
+class _ToDriver(logging.Handler):
+    """tltrain's log records of this worker, sent to the driver: with Ray's own worker output kept
+    off the terminal, this is how a worker's warnings (a fallback past a corrupt checkpoint, the
+    weights it loaded) still reach the user."""
+
+    def __init__(self, send: Callable[[dict[str, Any]], None], rank: int) -> None:
+        super().__init__()
+        self.send, self.rank = send, rank
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.send({"kind": LOG, "level": record.levelno, "name": record.name,
+                       "text": f"(rank {self.rank}) {record.getMessage()}"})  # fmt: skip
+        except Exception:  # noqa: BLE001 - a log line must never fail the worker
+            pass
+
+
+def _forward_logs(send: Callable[[dict[str, Any]], None], rank: int, level: int) -> None:
+    # Rank 0 forwards at the driver's level; the other ranks only warnings (their INFO repeats rank 0's).
+    handler = _ToDriver(send, rank)
+    handler.setLevel(level if rank == 0 else max(level, logging.WARNING))
+    own = logging.getLogger("tltrain")
+    own.handlers = [h for h in own.handlers if not isinstance(h, _ToDriver)] + [handler]
+    own.setLevel(min(own.getEffectiveLevel(), handler.level))  # also into Ray's log of this worker
 
 
 def checkpoint_uri(storage_uri: str, path: str) -> str:

@@ -5,8 +5,18 @@ from __future__ import annotations
 import time
 from typing import Any, TextIO
 
+from tltrain.core.live import tenth
 from tltrain.core.plan import TrainPlan
-from tltrain.spec.metrics import EXPORTED, IMG_PER_S, TRAIN_LOSS, VAL_COUNT, VAL_LOSS, Split, split_metric
+from tltrain.spec.metrics import (
+    DATA_WAIT_FRAC,
+    EXPORTED,
+    IMG_PER_S,
+    TRAIN_LOSS,
+    VAL_COUNT,
+    VAL_LOSS,
+    Split,
+    split_metric,
+)
 from tltrain.spec.schema import JobSpec
 
 
@@ -17,16 +27,88 @@ def _fmt_duration(seconds: float) -> str:
     )
 
 
+def _is_tty(out: TextIO) -> bool:
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError):  # a closed or foreign stream
+        return False
+
+
 class Progress:
-    """One line per epoch on the driver: loss, the ranked metric, throughput and ETA."""
+    """On the driver: one line per epoch (loss, the ranked metric, throughput, ETA) and, inside an
+    epoch, rank 0's step progress: refreshed in place on a terminal, a plain line every tenth of
+    the epoch when the output is a file or a submitted job's log."""
 
     def __init__(self, spec: JobSpec, out: TextIO) -> None:
         self.spec = spec
         self.out = out
         self.started = time.monotonic()
         self.first_epoch: int | None = None
+        self.tty = _is_tty(out)
+        self._live = False  # a refreshed step line is on screen (no newline yet)
+        self._printed: tuple[int, int] = (0, 0)  # (epoch, tenth) of the last plain step line
+        self._epoch_s: float | None = None  # the last whole epoch's wall time (train + eval + save)
+        self._last_line: float | None = None  # when the last epoch line was printed
+        self._reported = 0  # the last epoch whose line is printed
+        self._held: list[dict[str, Any]] = []
+        self._base: int | None = None
+
+    def step(self, message: dict[str, Any]) -> None:
+        """A step message of core.live: steps, img/s, loss, data wait, ETA of the epoch and run.
+
+        Rank 0 sends these straight to the driver while the epoch's report goes through Ray
+        Train's controller, which can deliver it after the next epoch's first steps: those wait
+        for it, so the lines stay in epoch order."""
+        epoch = int(message["epoch"])
+        if self._base is None:  # the run's first epoch here (a resumed run starts later)
+            self._base = epoch - 1
+        if epoch > max(self._reported, self._base) + 1:
+            self._held.append(message)
+            return
+        self._show(message)
+
+    def _show(self, message: dict[str, Any]) -> None:
+        epoch, epochs = int(message["epoch"]), int(message["epochs"])
+        step, steps = int(message["step"]), int(message["steps"])
+        if not self.tty:
+            at = (epoch, tenth(step, steps))
+            if at[1] == 0 or at <= self._printed:
+                return  # between tenths: only a terminal refreshes
+            self._printed = at
+        per_step = message["elapsed_s"] / max(step, 1)
+        epoch_left = per_step * (steps - step)
+        per_epoch = self._epoch_s or per_step * steps
+        text = (
+            f"  epoch {epoch}/{epochs}  step {step}/{steps} ({100 * step // max(steps, 1)}%)  "
+            f"{message[IMG_PER_S]:.0f} img/s  loss {message['loss']:.4f}  "
+            f"data-wait {100 * message[DATA_WAIT_FRAC]:.0f}%  "
+            f"ETA epoch {_fmt_duration(epoch_left)}, run {_fmt_duration(epoch_left + per_epoch * (epochs - epoch))}"
+        )
+        if self.tty:
+            self.out.write(f"\r{text}\x1b[K")
+            self.out.flush()
+            self._live = True
+        else:
+            print(text, file=self.out, flush=True)
+
+    def _end_live(self) -> None:
+        if self._live:  # the epoch line replaces the refreshed step line
+            self.out.write("\r\x1b[K")
+            self._live = False
 
     def line(self, metrics: dict[str, Any]) -> None:
+        self._end_live()
+        now = time.monotonic()
+        if self._last_line is not None:  # between two epoch lines: one whole epoch, set-up excluded
+            self._epoch_s = now - self._last_line
+        self._last_line = now
+        self._epoch_line(metrics)
+        self._reported = int(metrics["epoch"])
+        held, self._held = self._held, []
+        for message in held[-1:] if self.tty else held:  # a terminal needs only the newest
+            self.step(message)
+
+    def _epoch_line(self, metrics: dict[str, Any]) -> None:
         epoch = int(metrics["epoch"])
         total = self.spec.loop.epochs
         if self.first_epoch is None:

@@ -11,7 +11,7 @@ import json
 from typing import Any, TextIO
 
 from tltrain.core.plan import TrainPlan
-from tltrain.spec.metrics import TEST_ACC, TEST_BALANCED_ACC, TEST_F1_MACRO, better
+from tltrain.spec.metrics import TEST_ACC, TEST_BALANCED_ACC, TEST_F1_MACRO, better, ranked
 from tltrain.spec.schema import JobSpec
 from tltrain.spec.space import Dist
 
@@ -28,6 +28,21 @@ def describe_trial(record: dict[str, Any], spec: JobSpec) -> str:
     return (
         f"done: best {spec.tune.metric} {best:.4f}" if best is not None else "done: no metric"
     ) + f" after {record['epochs']} epoch(s){stop}, {record['cost_worker_s']:.1f} worker-s"
+
+
+def standing(records: list[dict[str, Any]], running: int, spec: JobSpec) -> str:
+    """The sweep so far, after each trial ends: trials running / done / stopped early / failed,
+    and the best so far by the search metric."""
+    assert spec.tune is not None
+    failed = [r for r in records if r["status"] == "ERROR"]
+    done = [r for r in records if r["status"] != "ERROR"]
+    stopped = sum(1 for r in done if r.get("stopped_by"))
+    best = ranked(done, lambda r: r.get("best_metric"), spec.tune.mode)
+    shown = f"best {spec.tune.metric} {best[0]['best_metric']:.4f} ({best[0]['trial_id']})" if best else "no best yet"
+    return (
+        f"sweep: {running} running, {len(done)} done ({stopped} stopped early), {len(failed)} failed "
+        f"of {spec.tune.num_samples}; {shown}"
+    )
 
 
 def describe_sweep(spec: JobSpec, plan: TrainPlan, space: dict[str, Dist], concurrent: int, out: TextIO) -> None:

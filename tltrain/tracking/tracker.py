@@ -12,12 +12,15 @@ would appear (see `redact`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -33,6 +36,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from tltrain import __version__, storage
 from tltrain.core.checkpoint import META_FILE, CheckpointMeta, load_meta
+from tltrain.reports import console
 from tltrain.reports.classification import (
     classification_report,
     confusion_matrix_png,
@@ -64,6 +68,25 @@ _SECRET_ENV_VARS = (
     "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_CLIENT_CERT_PATH", "DATABRICKS_TOKEN",
 )  # fmt: skip
 _MIN_SECRET_LEN = 6  # shorter values (e.g. "x") would mask ordinary text and protect nothing
+
+
+@contextlib.contextmanager
+def quiet_prints() -> Iterator[None]:
+    """MLflow's fluent registry calls print notes straight to stderr ("Successfully registered
+    model ...", "Created version ..."), past any logger. Unless the user asked for the libraries'
+    output (`--library-logs`), they go to MLflow's logger (the library log file) instead:
+    tltrain prints its own line for what happened."""
+    if console.library_logs():
+        yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                logging.getLogger("mlflow").info("%s", redact(line))
 
 
 def redact(text: str) -> str:
