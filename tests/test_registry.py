@@ -274,7 +274,8 @@ def _run(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Completed
 DOWNSTREAM = """
 import json, sys
 import mlflow
-model = mlflow.pyfunc.load_model(sys.argv[1])
+# The images are this process's own files: it opts in to reading paths (a served model never does).
+model = mlflow.pyfunc.load_model(sys.argv[1], model_config={"allow_local_paths": True})
 paths = json.loads(sys.argv[2])
 out = model.predict(paths)
 probs = [c for c in out.columns if c.startswith("prob_")]

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Any
 
-from tltrain.commands import bench, compare, demo, jobs, prepare, registry, runs, submit, train, tune
+from tltrain.commands import bench, compare, demo, jobs, prepare, registry, runs, serve, submit, train, tune
+from tltrain.reports import console
 from tltrain.spec import SpecError
 from tltrain.storage.lease import LeaseHeld
 
 # The order `tltrain --help` lists them in.
-COMMAND_MODULES = (train, tune, compare, demo, bench, submit, jobs, runs, registry, prepare)
+COMMAND_MODULES = (train, tune, compare, demo, bench, submit, jobs, runs, registry, serve, prepare)
 
 
 def _emit_json(obj: dict[str, Any]) -> None:
@@ -24,7 +24,13 @@ def _emit_json(obj: dict[str, Any]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tltrain", description="Fine-tune pretrained image models on Ray.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="tltrain's own log lines at INFO level")
+    parser.add_argument(
+        console.FLAG,
+        action="store_true",
+        help="show Ray's and MLflow's own output on the terminal (default: a log file under "
+        f"{console.LOG_DIR}, its path printed once)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for module in COMMAND_MODULES:
         module.add_commands(sub)
@@ -33,9 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
+    console.setup(verbose=args.verbose, library_logs=args.library_logs, command=args.command)
     # The hub is unreachable offline and timm/HF retry for ~50 s: fail fast unless the user opts in.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:

@@ -9,17 +9,30 @@ pickle: the weights are safetensors and the rest is JSON.
 Artifacts (set by tltrain.registry): "weights" -> model.safetensors, "meta" -> meta.json
 (class_names, model_name, data_config: see docs/ARCHITECTURE.md).
 
-Input: a list (or Series, or one-column DataFrame, first column or "image") whose items are image
-file paths, "data:image/...;base64," strings, raw encoded bytes, or uint8 HxW / HxWxC arrays
-(PIL images are accepted too). Output: a DataFrame with `label`, `probability` (of that label) and
-one `prob_<class>` column per class, in class_names order.
+Input: one image per item of a list, a 1-D array, a Series or a DataFrame's first column. An item
+is encoded image bytes, a base64 string (with or without a "data:image/...;base64," prefix), a uint8
+HxW / HxWxC array or a PIL image. Over HTTP (`mlflow models serve`, `tltrain serve`) that means
+`{"inputs": ["data:image/png;base64,..."]}`. Local file paths are read only when the loading
+process asks for it: `load_model(uri, model_config={"allow_local_paths": True})`; a served model
+never opens a file a caller names. An item that is refused or cannot be decoded raises
+`ImageInputError`, one line naming the item's index and what is accepted (over HTTP: a 400 with
+that message and no stack trace). Decoded images are capped at `max_pixels` (model_config,
+default `MAX_PIXELS`) so a small file cannot expand into gigabytes (a decompression bomb).
+Output: a DataFrame with `label`, `probability` (of that label) and one `prob_<class>` column per
+class, in class_names order.
+
+MLflow's column signature (tltrain logs one string column) turns every input into a DataFrame
+before `predict` sees it, and cannot build one from a plain list of arrays: pass arrays and PIL
+images as a Series (`pd.Series([a, b])`) or a DataFrame column.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import io
 import json
+import os
 from typing import Any
 
 import mlflow
@@ -27,6 +40,8 @@ import numpy as np
 import pandas as pd
 import timm
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
@@ -37,6 +52,12 @@ TORCHVISION_PREFIX = "torchvision:"
 _TRANSFORM_KEYS = ("input_size", "mean", "std", "crop_pct", "crop_mode", "interpolation")
 _BATCH = 64  # bounds memory for long inputs; inference cost per image is unchanged
 _TTA_VIEWS = {"none": 1, "flip": 2, "dihedral": 8}
+# The most pixels a decoded image may have unless model_config max_pixels says otherwise: 8000 x
+# 8000, above any camera photo a classifier is fed, far below what fills a server's memory.
+MAX_PIXELS = 64_000_000
+ACCEPTED = "send encoded image bytes, a base64 or data:image/...;base64, string, a uint8 HxW/HxWxC array or a PIL image"
+# Suffixes that make a string that is not base64 read as a file name (the refusal says so).
+_FILE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
 def _torchvision_model(name: str, num_classes: int, image_size: int | None = None) -> torch.nn.Module:
@@ -112,30 +133,115 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def _open(item: Any) -> Image.Image:
+class ImageInputError(MlflowException, ValueError):
+    """An input item that is refused or cannot be decoded: one line, naming the item's index.
+
+    An MlflowException with INVALID_PARAMETER_VALUE so MLflow's scoring server answers 400 with
+    this message and no stack trace (any other exception from predict becomes a 400 carrying the
+    server's traceback); a ValueError for in-process callers."""
+
+    def __init__(self, index: int, problem: str) -> None:
+        super().__init__(f"input {index}: {problem}; {ACCEPTED}", error_code=INVALID_PARAMETER_VALUE)
+
+    # MLflow's scoring server rewrites the message of an exception raised by predict into
+    # "Failed to predict data '<the whole request as a DataFrame>'. \nError: ...": several lines
+    # echoing the caller's payload. Ours already says which item and why, so it keeps its own.
+    @property
+    def message(self) -> str:
+        return self._message
+
+    @message.setter
+    def message(self, value: str) -> None:
+        if not hasattr(self, "_message"):
+            self._message = value
+
+
+def _looks_like_path(text: str) -> bool:
+    # Judged from the string alone: whether such a file exists on this machine is never looked up
+    # (the answer would tell a remote caller what the server holds).
+    return text.startswith(("/", "~", ".", "file:")) or "\\" in text or text.lower().endswith(_FILE_SUFFIXES)
+
+
+def _b64decode(text: str) -> bytes | None:
+    compact = "".join(text.split())  # base64.encodebytes and some clients wrap lines
+    try:
+        if "-" in compact or "_" in compact:
+            return base64.b64decode(compact, altchars=b"-_", validate=True)
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _decode_bytes(data: bytes, index: int, max_pixels: int) -> Image.Image:
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ImageInputError(index, "image has more pixels than PIL decodes safely (a decompression bomb)") from None
+    except Exception:  # PIL raises UnidentifiedImageError, but also SyntaxError/ValueError from plugins
+        raise ImageInputError(index, f"{len(data)} bytes that are not an image PIL can decode") from None
+    return _load_capped(im, index, max_pixels)
+
+
+def _load_capped(im: Image.Image, index: int, max_pixels: int) -> Image.Image:
+    # Image.open reads the header only: refuse on the declared size, before decoding any pixels.
+    with im:
+        width, height = im.size
+        if width * height > max_pixels:
+            raise ImageInputError(
+                index, f"image is {width}x{height}, more than {max_pixels:,} pixels (model_config max_pixels)"
+            )
+        try:
+            im.load()
+        except Exception as err:
+            reason = " ".join(str(err).split())  # one line, whatever the decoder wrote
+            raise ImageInputError(index, f"corrupt or truncated {im.format or 'image'} data ({reason})") from None
+        return to_rgb(im)
+
+
+def _decode_string(text: str, index: int, allow_paths: bool, max_pixels: int) -> Image.Image:
+    if text.startswith("data:"):
+        head, sep, payload = text.partition(",")
+        data = _b64decode(payload) if sep and head.startswith("data:image/") and head.endswith(";base64") else None
+        if data is None:
+            raise ImageInputError(index, f"a data URI must be data:image/<type>;base64,<data>, got {head[:40]!r}")
+        return _decode_bytes(data, index, max_pixels)
+    if allow_paths and os.path.isfile(os.path.expanduser(text)):  # the only filesystem access
+        try:
+            im = Image.open(os.path.expanduser(text))
+        except Exception as err:
+            raise ImageInputError(index, f"{text}: not an image PIL can decode ({type(err).__name__})") from None
+        return _load_capped(im, index, max_pixels)
+    data = _b64decode(text)
+    if data is not None:  # valid base64 (a JPEG's starts with "/9j/"): judged as the bytes it holds
+        return _decode_bytes(data, index, max_pixels)
+    if _looks_like_path(text):
+        if allow_paths:
+            raise ImageInputError(index, f"no file {text!r}")
+        raise ImageInputError(
+            index,
+            "looks like a file path; this model reads no files (a process that loads it can allow "
+            'local paths with model_config {"allow_local_paths": true})',
+        )
+    raise ImageInputError(index, f"not base64 image data ({len(text)} characters)")
+
+
+def _decode(item: Any, index: int, allow_paths: bool, max_pixels: int) -> Image.Image:
+    """One input item -> an RGB image decoded like training did, or ImageInputError."""
     if isinstance(item, Image.Image):
         return to_rgb(item)
     if isinstance(item, np.ndarray):
-        arr = item
-        if arr.dtype != np.uint8:
-            raise ValueError(f"image arrays must be uint8 HxW or HxWxC, got dtype {arr.dtype}")
-        if arr.ndim == 3 and arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        return to_rgb(Image.fromarray(arr))
+        if item.dtype != np.uint8 or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (1, 3, 4)):
+            raise ImageInputError(
+                index, f"an array must be uint8 HxW or HxWxC (C 1, 3 or 4), got {item.dtype} {item.shape}"
+            )
+        return to_rgb(Image.fromarray(item[:, :, 0] if item.ndim == 3 and item.shape[2] == 1 else item))
     if isinstance(item, (bytes, bytearray, memoryview)):
-        data = bytes(item)
-    elif isinstance(item, str):
-        if item.startswith("data:") and ";base64," in item:
-            data = base64.b64decode(item.split(";base64,", 1)[1])
-        else:
-            with Image.open(item) as im:
-                im.load()
-                return to_rgb(im)
-    else:
-        raise ValueError(f"unsupported image input of type {type(item).__name__}: use a path, bytes or a uint8 array")
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()
-        return to_rgb(im)
+        return _decode_bytes(bytes(item), index, max_pixels)
+    if isinstance(item, str):
+        return _decode_string(item, index, allow_paths, max_pixels)
+    if item is None or (isinstance(item, float) and np.isnan(item)):
+        raise ImageInputError(index, "empty")
+    raise ImageInputError(index, f"unsupported type {type(item).__name__}")
 
 
 def _items(model_input: Any) -> list[Any]:
@@ -157,9 +263,19 @@ def _items(model_input: Any) -> list[Any]:
     return list(model_input)
 
 
+def _config_flag(config: dict[str, Any], key: str) -> bool:
+    value = config.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):  # the string "false" is truthy: never let it open files
+        raise ValueError(f"model_config {key}: use true or false, got {value!r}")
+    return value
+
+
 class ImageClassifier(PythonModel):
-    # predict/load_context carry no type hints on purpose: MLflow derives a schema from hints on
-    # `predict` and would then coerce our mixed path/bytes/array inputs.
+    allow_local_paths = False  # the safe defaults, also for an instance built without load_context
+    max_pixels = MAX_PIXELS
+
     def load_context(self, context) -> None:  # noqa: ANN001
         with open(context.artifacts["meta"]) as f:
             meta = json.load(f)
@@ -182,6 +298,14 @@ class ImageClassifier(PythonModel):
         self.tta = str(config.get("tta") or trained)
         if self.tta not in _TTA_VIEWS:
             raise ValueError(f"model_config tta: {self.tta!r}; use one of {', '.join(_TTA_VIEWS)}")
+        # Reading files named in the input is for the caller's own process only (tltrain predict,
+        # a notebook): `mlflow models serve` must never open a path a remote caller chose.
+        self.allow_local_paths = _config_flag(config, "allow_local_paths")
+        max_pixels = config.get("max_pixels")
+        max_pixels = MAX_PIXELS if max_pixels is None else max_pixels  # None (as logged): this file's cap
+        if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels <= 0:
+            raise ValueError(f"model_config max_pixels: a positive whole number, got {max_pixels!r}")
+        self.max_pixels = max_pixels
 
     def _probs(self, batch: torch.Tensor) -> torch.Tensor:
         """Softmax averaged over the TTA views (the same views as tltrain's data/orientation.py:
@@ -194,12 +318,20 @@ class ImageClassifier(PythonModel):
             views = turned + [t.flip(-1) for t in turned]
         return torch.stack([torch.softmax(self.model(v).float(), dim=1) for v in views]).mean(0)
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    # `model_input: pd.DataFrame` is what MLflow hands over after enforcing the column signature
+    # (and, as a type MLflow infers no schema from, it keeps MLflow from asking for type hints at
+    # every load); called directly, predict takes any of the shapes `_items` accepts.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001
         items = _items(model_input)
         probs: list[np.ndarray] = []
         with torch.inference_mode():
             for start in range(0, len(items), _BATCH):
-                batch = torch.stack([self.transform(_open(x)) for x in items[start : start + _BATCH]])
+                batch = torch.stack(
+                    [
+                        self.transform(_decode(x, start + i, self.allow_local_paths, self.max_pixels))
+                        for i, x in enumerate(items[start : start + _BATCH])
+                    ]
+                )
                 probs.append(self._probs(batch.to(self.device)).cpu().numpy())
         p = np.concatenate(probs) if probs else np.zeros((0, len(self.class_names)), dtype=np.float32)
         top = p.argmax(axis=1) if len(p) else np.zeros(0, dtype=int)

@@ -3,12 +3,17 @@
 A version is registered from a checkpoint directory (see docs/ARCHITECTURE.md) in object storage.
 The model package holds the safetensors weights, a sanitized meta.json and tltrain/pyfunc_model.py
 (logged as "models from code"), so the downstream process needs mlflow, torch and timm but never
-tltrain, and loading it unpickles nothing. Version tags carry the lineage; `checkpoint_sha256`
-makes registration idempotent.
+tltrain, and loading it unpickles nothing. It is logged with a signature (one string column of
+base64 / data-URI images in; label, probability, prob_<class> out), a tiny PNG input example
+(MLflow checks the logged model answers it), the class names and eval preprocessing as metadata,
+and a model_config whose keys a loading process may override (allow_local_paths off by default).
+Version tags carry the lineage; `checkpoint_sha256` makes registration idempotent.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import tempfile
@@ -33,6 +38,7 @@ from tltrain.core.checkpoint import (
     META_FILE,
     MODEL_FILE,
     CheckpointError,
+    CheckpointMeta,
     checkpoint_sha256,
     load_meta,
     verify_checkpoint,
@@ -43,6 +49,7 @@ from tltrain.tracking.tracker import (
     _clip,
     get_or_create_experiment,
     lineage_tags,
+    quiet_prints,
     redact,
     resolve_tracking_uri,
     sanitize_spec,
@@ -51,6 +58,8 @@ from tltrain.tracking.tracker import (
 log = logging.getLogger(__name__)
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+# The model_config with which a process's own image files may be named in the input (see _model_config).
+LOCAL_FILES = {"allow_local_paths": True}
 DEFAULT_EXPERIMENT = "tltrain"
 # What the downstream process must install; pinned to the versions that built and checked the
 # package (local build tags like "+cpu" dropped so a CUDA build satisfies them too).
@@ -81,11 +90,38 @@ def _requirements(model_name: str) -> list[str]:
 
 
 def _signature(class_names: list[str]) -> ModelSignature:
-    # No input schema: inputs mix paths, bytes and arrays of any shape, and MLflow enforces a schema
-    # by converting the input to one numpy array first (which fails for arrays of unequal shape).
+    # Input: one unnamed string column, an image per row as base64 / data:image/...;base64, — what
+    # an HTTP client sends. Unnamed, so MLflow's schema enforcement takes a plain list (named, it
+    # would demand a DataFrame with that column); "string", because MLflow passes an object column
+    # through unconverted, so in-process bytes and Series of arrays still reach the pyfunc as they
+    # are ("binary" would base64-decode the strings, breaking data URIs). Type hints on predict
+    # could not say this: list[str] refuses bytes, list[Any] warns at every load.
     outputs: list[ColSpec | TensorSpec] = [ColSpec("string", "label"), ColSpec("double", "probability")]
     outputs += [ColSpec("double", f"prob_{name}") for name in class_names]
-    return ModelSignature(inputs=None, outputs=Schema(outputs))
+    return ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema(outputs))
+
+
+def _input_example() -> list[str]:
+    """One tiny grey PNG as the data URI an HTTP client posts: MLflow writes it to
+    serving_input_example.json, shows it in the UI and checks at logging that the model answers it."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(buf, format="PNG")
+    return ["data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")]
+
+
+def _model_config(meta: CheckpointMeta) -> dict[str, Any]:
+    # MLflow lets load_model(model_config=...) override only the keys logged here, so every key the
+    # pyfunc reads is listed; None means the pyfunc's own default (device: cuda when there is one;
+    # max_pixels: pyfunc_model.MAX_PIXELS). Files named in the input are never read unless the
+    # loading process turns allow_local_paths on.
+    return {
+        "tta": str(meta.spec.get("data", {}).get("tta", "none")),  # the run's test-time augmentation
+        "device": None,
+        "allow_local_paths": False,
+        "max_pixels": None,
+    }
 
 
 def _find_by_sha(client: MlflowClient, name: str, sha: str) -> ModelVersion | None:
@@ -184,12 +220,20 @@ def register_checkpoint(
                     python_model=str(PYFUNC_FILE),
                     artifacts={"weights": str(local / MODEL_FILE), "meta": str(meta_path)},
                     signature=_signature(meta.class_names),
-                    # The run's test-time augmentation; a caller may override it at load time.
-                    model_config={"tta": str(meta.spec.get("data", {}).get("tta", "none"))},
+                    input_example=_input_example(),
+                    model_config=_model_config(meta),
                     pip_requirements=_requirements(meta.model_name),
-                    metadata={"class_names": meta.class_names, "model_name": meta.model_name, "checkpoint_sha256": sha},
+                    # What `mlflow models` and the UI show a downstream user: the classes in label
+                    # order and the eval preprocessing the pyfunc applies.
+                    metadata={
+                        "class_names": meta.class_names,
+                        "model_name": meta.model_name,
+                        "data_config": meta.data_config,
+                        "checkpoint_sha256": sha,
+                    },
                 )
-                mv = mlflow.register_model(info.model_uri, registry_name, tags=version_tags)
+                with quiet_prints():
+                    mv = mlflow.register_model(info.model_uri, registry_name, tags=version_tags)
             status = "FINISHED"
         finally:
             if own_run:  # a run we opened must not stay RUNNING, whatever happened
@@ -321,7 +365,9 @@ def model_uri(ref: str) -> str:
 
 
 def predict(ref: str, images: list[str], *, tracking_uri: str | None = None) -> Any:
-    """Load the pyfunc exactly as a downstream process would and classify image files."""
+    """Load the pyfunc exactly as a downstream process would and classify image files: the files
+    are the caller's own, so this process turns the pyfunc's local paths on (a served model keeps
+    them off)."""
     with _use_tracking_uri(resolve_tracking_uri(tracking_uri)):
-        model = mlflow.pyfunc.load_model(model_uri(ref))
+        model = mlflow.pyfunc.load_model(model_uri(ref), model_config=dict(LOCAL_FILES))
         return model.predict(images)
