@@ -1,6 +1,6 @@
 """`tltrain register`, `tltrain registry list|show|promote|pull` and `tltrain predict`.
 
-Thin: parse arguments, call tltrain.registry, print. cli.py wires these in with
+Thin: parse arguments, call tracking.registry (`predict`: execution.predict), print. cli.py wires these in with
 `add_commands(subparsers)`; `python -m tltrain.commands.registry ...` runs them standalone.
 Every command takes --tracking-uri (default: MLFLOW_TRACKING_URI, else ~/.tltrain/mlflow.db) and
 --json (one JSON object as the last line of stdout, for scripts).
@@ -125,20 +125,30 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tltrain.tracking import registry
+    from tltrain.execution.predict import result_json, run_predict
+    from tltrain.tracking.scoring import ScoringInputError
 
-    out = registry.predict(args.model, list(args.images), tracking_uri=args.tracking_uri)
-    rows = [
-        {"image": img, "label": lab, "probability": float(p)}
-        for img, lab, p in zip(args.images, out["label"], out["probability"])
-    ]
-    width = max(len(r["image"]) for r in rows) if rows else 0
-    _emit(
-        args,
-        {"predictions": rows},
-        "\n".join(f"{r['image']:{width}}  {r['label']}  {r['probability']:.4f}" for r in rows),
-    )
-    return 0
+    try:
+        result = run_predict(args.model, list(args.sources), out=args.out, overwrite=args.overwrite,
+                             address=args.address, batch_size=args.batch_size, tracking_uri=args.tracking_uri)  # fmt: skip
+    except ScoringInputError as err:  # nothing was scored or written
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # stdout: the predictions table (or, with --out, the summary: the rows are in the file); stderr:
+    # progress and, with a table, the summary.
+    if args.json:
+        print(json.dumps(result_json(result, with_rows=args.out is None), default=str))
+        print(result.summary(), file=sys.stderr)
+    elif args.out is None:
+        rows = list(zip(result.rows["path"], result.rows["label"], result.rows["probability"]))
+        width = max((len(p) for p, _, _ in rows), default=0)
+        for path, label, prob in rows:
+            print(f"{path:{width}}  {label}  {prob:.4f}", flush=True)
+        if result.on_cluster or result.skipped or result.ignored:
+            print(result.summary(), file=sys.stderr)
+    else:
+        print(result.summary())
+    return 0 if len(result.rows) else 1
 
 
 def add_commands(subparsers: Any) -> None:
@@ -177,9 +187,26 @@ def add_commands(subparsers: Any) -> None:
     _common(p)
     p.set_defaults(func=cmd_pull)
 
-    p = subparsers.add_parser("predict", help="classify images with a registered model (as a downstream user would)")
-    p.add_argument("model", help="NAME@ALIAS | NAME/VERSION | models:/... | runs:/... | a local model dir")
-    p.add_argument("images", nargs="+", help="image files")
+    p = subparsers.add_parser(
+        "predict",
+        help="classify images with a registered model: a few files here, folders and s3:// prefixes on the cluster",
+        description="Image files alone (no --out, no --address) are scored in this process; a folder, an s3:// "
+        "SOURCE, --out or --address score on the Ray cluster with Ray Data (one GPU per actor when it has GPUs).",
+    )
+    p.add_argument("model", metavar="MODEL_URI",
+                   help="NAME@ALIAS | NAME/VERSION | models:/... | runs:/... | a local model dir")  # fmt: skip
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="an image file, a local folder (walked recursively) or an s3:// prefix of images")  # fmt: skip
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="write the predictions as .csv or .parquet (local path or s3://) instead of printing them")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that already exists")
+    p.add_argument("--batch-size", type=int, default=None, metavar="N",  # None: execution/predict's default
+                   help="images per model call and per Ray Data batch (default 64)")  # fmt: skip
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to score on (default: RAY_ADDRESS, a `ray start` cluster on this machine, else a local Ray)",
+    )
     _common(p)
     p.set_defaults(func=cmd_predict)
 

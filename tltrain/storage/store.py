@@ -183,6 +183,27 @@ def download_file(uri: str, local: str) -> None:
         _atomic_copy(_local(uri), dst)
 
 
+def read_files(uris: Sequence[str]) -> list[bytes | Exception]:
+    """The content of each file (local path or s3:// object), or the error that reading it raised:
+    one missing or unreadable file does not stop the others (batch scoring counts it as skipped).
+    Read on threads with one client, so a batch of small objects costs about one round trip."""
+    client: Any = s3_client() if any(is_s3(u) for u in uris) else None
+
+    def read(uri: str) -> bytes | Exception:
+        try:
+            if not is_s3(uri):
+                return _local(uri).read_bytes()
+            bucket, key = split_s3(uri)
+            return bytes(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+        except Exception as err:  # OSError, ClientError (NoSuchKey, AccessDenied), connection errors
+            return err
+
+    if len(uris) <= 1:
+        return [read(u) for u in uris]
+    with ThreadPoolExecutor(min(_TRANSFER_THREADS, len(uris))) as pool:
+        return list(pool.map(read, uris))
+
+
 def _local_files(root: Path) -> dict[str, int]:
     """Relative POSIX path -> size for every file under root (temp .part files excluded)."""
     out: dict[str, int] = {}
