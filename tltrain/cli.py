@@ -8,13 +8,13 @@ import os
 import sys
 from typing import Any
 
-from tltrain.commands import bench, compare, demo, jobs, prepare, registry, runs, serve, submit, train, tune
+from tltrain.commands import bench, compare, demo, jobs, prepare, rank, registry, runs, serve, submit, train, tune
 from tltrain.reports import console
 from tltrain.spec import SpecError
 from tltrain.storage.lease import LeaseHeld
 
 # The order `tltrain --help` lists them in.
-COMMAND_MODULES = (train, tune, compare, demo, bench, submit, jobs, runs, registry, serve, prepare)
+COMMAND_MODULES = (train, tune, rank, compare, demo, bench, submit, jobs, runs, registry, serve, prepare)
 
 
 def _emit_json(obj: dict[str, Any]) -> None:
@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        console.reset()
 
 
 if __name__ == "__main__":

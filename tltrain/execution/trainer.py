@@ -30,7 +30,7 @@ from tltrain.core.checkpoint import MANIFEST_FILE, META_FILE, CheckpointMeta
 from tltrain.core.live import STEP
 from tltrain.core.plan import TrainPlan
 from tltrain.execution.packing import for_fake_gpus
-from tltrain.execution.worker import FORWARD_LOGS, LOG, PROGRESS_QUEUE, checkpoint_uri, worker_fn
+from tltrain.execution.worker import PROGRESS_QUEUE, checkpoint_uri, worker_fn
 from tltrain.reports import console
 from tltrain.spec.metrics import ranked
 from tltrain.spec.packing import worker_gpus
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 OnReport = Callable[[dict[str, Any], "str | None"], None]
 OnStep = Callable[[dict[str, Any]], None]
-REPORT = "report"  # queue message kinds: an epoch's report here, core.live.STEP, worker.LOG
+REPORT = "report"  # queue message kinds: an epoch's report here, rank 0's steps (core.live.STEP)
 
 
 class ForwardReports(UserCallback):
@@ -87,17 +87,52 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
                       runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": url}})  # fmt: skip
     elif target != "auto" and not target.startswith("ray://") and not inside_ray_job:
         kwargs["runtime_env"] = {"env_vars": {"RAY_ADDRESS": target}}
-    # Ray's own lines (its driver logger; every actor's and worker's output, which Ray forwards to
-    # the driver) go to the library log unless the user asked for them (`--library-logs`);
-    # tltrain's worker-side lines reach the driver through the report queue instead (`fit`).
+    # Ray's own lines (its driver logger; every actor's output, which Ray forwards to the driver)
+    # go to the library log unless the user asked for them (`--library-logs`). tltrain's lines in
+    # those processes carry console.WORKER_MARK (the job's env asks for it), and only they are
+    # forwarded. Inside a Ray Job the job's own runtime env applies: its log shows everything.
     quiet = not console.library_logs()
     if quiet:
         console.adopt("ray")  # `import ray` gave it its own stderr handler
         console.capture_native_stderr()  # its C++ core worker writes to fd 2 directly
+        if not inside_ray_job:
+            env_vars = kwargs.setdefault("runtime_env", {}).setdefault("env_vars", {})
+            env_vars[console.WORKER_ENV] = str(logging.getLogger("tltrain").getEffectiveLevel())
     ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, configure_logging=not quiet,
-             log_to_driver=not quiet, **kwargs)  # fmt: skip
-    if quiet:
+             log_to_driver=True, **kwargs)  # fmt: skip
+    if quiet and not inside_ray_job:
+        _forward_only_tltrain_lines()
         console.announce(f"Ray's worker logs: {_ray_logs_dir()}")
+
+
+def _forward_only_tltrain_lines() -> None:
+    """Ray prints every worker's and actor's output on the driver through one named handler of
+    its stream dispatcher (no public hook filters it): replaced by one that prints the lines
+    tltrain wrote (console.WORKER_MARK) as Ray would, prefix and all, and sends the rest (Ray
+    Train's controller chatter, core-worker errors about its internal actors) to the library log.
+    Same name as Ray's, so `ray.shutdown` removes it."""
+    try:
+        from ray._private import worker as ray_worker
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        print_lines = ray_worker.print_to_stdstream
+    except (ImportError, AttributeError):  # a Ray without them: its forwarding stays as it is
+        return
+    library = logging.getLogger("ray.workers")
+
+    def forward(data: dict[str, Any]) -> None:
+        lines = list(data.get("lines") or [])
+        kept = [line for line in lines if console.WORKER_MARK in line]
+        for line in lines:
+            if console.WORKER_MARK not in line:
+                library.info(
+                    "(%s pid=%s) %s", data.get("actor_name") or data.get("task_name") or "", data.get("pid"), line
+                )
+        if kept:
+            print_lines({**data, "lines": kept}, ignore_prefix=False)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", forward)
 
 
 def _ray_logs_dir() -> str:
@@ -186,17 +221,14 @@ def fit(
 ) -> FitResult:
     """Run the training job; `on_report(metrics, checkpoint_uri)` is called on the driver for every
     report of rank 0 (once per epoch for worker_fn), `on_step(message)` for rank 0's in-epoch
-    progress (core.live). Workers' tltrain log lines are re-logged here when Ray's own worker
-    output is kept off the terminal."""
+    progress (core.live)."""
     ensure_ray(spec.scaling.address)
     # On the driver's node, as Ray Train pins its controller: a queue actor left to the scheduler
     # can land on a worker node, and losing that node would then end the run (seen in the
     # node-loss test) although Ray Train itself survives it.
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     queue: Queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    channel: dict[str, Any] = {PROGRESS_QUEUE: queue if on_step is not None or not console.library_logs() else None}
-    if not console.library_logs():
-        channel[FORWARD_LOGS] = logging.getLogger("tltrain").getEffectiveLevel()
+    channel = {PROGRESS_QUEUE: queue if on_step is not None else None}
     trainer = build_trainer(spec, plan, [ForwardReports(queue)], name, worker=worker,
                             extra_config={**channel, **(extra_config or {})})  # fmt: skip
 
@@ -211,8 +243,6 @@ def fit(
             on_report(message["metrics"], checkpoint_uri(spec.storage.uri, path) if path else None)
         elif kind == STEP and on_step is not None:
             on_step(message)
-        elif kind == LOG:
-            logging.getLogger(message["name"]).log(message["level"], "%s", message["text"])
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(trainer.fit)

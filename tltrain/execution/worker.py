@@ -192,12 +192,7 @@ def worker_fn(config: dict[str, Any]) -> None:
     )
     upload = _upload_fn(spec)
     queue = config.get(PROGRESS_QUEUE)  # the driver's (train/compare); Tune trials have none
-    live = None
-    if queue is not None:
-        send = _sender(queue)
-        if config.get(FORWARD_LOGS) is not None:
-            _forward_logs(send, rank, int(config[FORWARD_LOGS]))
-        live = LiveSteps(send, world_size) if rank == 0 else None
+    live = LiveSteps(_sender(queue), world_size) if queue is not None and rank == 0 else None
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -220,9 +215,7 @@ def worker_fn(config: dict[str, Any]) -> None:
     )
 
 
-PROGRESS_QUEUE = "progress_queue"  # worker config keys set by trainer.fit
-FORWARD_LOGS = "forward_logs"
-LOG = "log"  # a queue message kind beside core.live.STEP and trainer's report
+PROGRESS_QUEUE = "progress_queue"  # the worker config key trainer.fit sets
 
 
 def _sender(queue: Any) -> Callable[[dict[str, Any]], None]:
@@ -232,32 +225,6 @@ def _sender(queue: Any) -> Callable[[dict[str, Any]], None]:
         queue.put(message, block=False)
 
     return send
-
-
-class _ToDriver(logging.Handler):
-    """tltrain's log records of this worker, sent to the driver: with Ray's own worker output kept
-    off the terminal, this is how a worker's warnings (a fallback past a corrupt checkpoint, the
-    weights it loaded) still reach the user."""
-
-    def __init__(self, send: Callable[[dict[str, Any]], None], rank: int) -> None:
-        super().__init__()
-        self.send, self.rank = send, rank
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.send({"kind": LOG, "level": record.levelno, "name": record.name,
-                       "text": f"(rank {self.rank}) {record.getMessage()}"})  # fmt: skip
-        except Exception:  # noqa: BLE001 - a log line must never fail the worker
-            pass
-
-
-def _forward_logs(send: Callable[[dict[str, Any]], None], rank: int, level: int) -> None:
-    # Rank 0 forwards at the driver's level; the other ranks only warnings (their INFO repeats rank 0's).
-    handler = _ToDriver(send, rank)
-    handler.setLevel(level if rank == 0 else max(level, logging.WARNING))
-    own = logging.getLogger("tltrain")
-    own.handlers = [h for h in own.handlers if not isinstance(h, _ToDriver)] + [handler]
-    own.setLevel(min(own.getEffectiveLevel(), handler.level))  # also into Ray's log of this worker
 
 
 def checkpoint_uri(storage_uri: str, path: str) -> str:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tltrain import WORKER_LOG_ENV
 from tltrain.spec.schema import DEFAULT_STORE_DIR
 
 LOG_DIR = f"{DEFAULT_STORE_DIR}/logs"
@@ -32,6 +33,10 @@ _ENV_QUIET = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # "Downloading artifacts" tqdm bars
 }
 FORMAT = "%(levelname)s %(name)s: %(message)s"
+# In the Ray processes of a job whose driver keeps library output off the terminal, tltrain's log
+# lines start with this mark: the driver forwards those lines and no others (execution/trainer).
+WORKER_MARK = "[tltrain]"
+WORKER_ENV = WORKER_LOG_ENV  # set in the job's runtime env: the driver's tltrain level
 
 
 class _State:
@@ -41,7 +46,7 @@ class _State:
     log_file: Path | None = None
     announced = False
     native_captured = False
-    extras: set[str] = set()
+    extras: set[str] = set()  # noqa: RUF012 - one process-wide state
 
 
 _state = _State()
@@ -135,6 +140,15 @@ class _LazyFile(logging.FileHandler):
         super().emit(record)
 
 
+def reset() -> None:
+    """Back to the libraries' own behaviour for the rest of this process: `tltrain.cli.main`
+    called in-process (a test, a notebook) must not leave later Ray sessions quiet."""
+    _state.library_logs = True
+    _state.log_file = None
+    _state.announced = False
+    _state.extras = set()
+
+
 def setup(*, verbose: bool, library_logs: bool, command: str = "tltrain") -> None:
     """Configure the root logger for one CLI invocation (idempotent: tests call main() often).
 
@@ -174,3 +188,22 @@ def setup(*, verbose: bool, library_logs: bool, command: str = "tltrain") -> Non
         if name in ("sqlalchemy", "botocore", "urllib3"):  # their INFO is per-query/per-request
             logging.getLogger(name).setLevel(logging.WARNING)
     logging.captureWarnings(True)
+
+
+def mark_worker_logs() -> None:
+    """In a Ray worker or actor of such a job (tltrain/__init__ calls this when WORKER_ENV is set):
+    tltrain's records go to this process's stderr, which Ray forwards, with WORKER_MARK in front."""
+    own = logging.getLogger("tltrain")
+    if any(getattr(h, "_tltrain_mark", False) for h in own.handlers):
+        return
+    try:
+        level = int(os.environ.get(WORKER_ENV) or logging.WARNING)
+    except ValueError:
+        level = logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{WORKER_MARK} {FORMAT}"))
+    handler.setLevel(level)
+    handler._tltrain_mark = True  # type: ignore[attr-defined]
+    own.addHandler(handler)
+    own.setLevel(level)
+    own.propagate = False  # one line per record (not again through Python's last-resort handler)
