@@ -21,12 +21,13 @@ from tltrain.core.checkpoint import (
     sha256_file,
 )
 from tltrain.core.plan import TrainPlan, check_forward, check_metrics, probe_model, resolve_class_weights
-from tltrain.data import DataError, plan_dataset, resolve_data_config
+from tltrain.data import DataError, DatasetPlan, plan_dataset, resolve_data_config
 from tltrain.spec.bounds import check_spec_batch
 from tltrain.spec.schema import JobSpec, SpecError, expand_path
 
 
-def _check_weights(spec: JobSpec) -> None:
+def check_weights(spec: JobSpec) -> None:
+    """model.weights exists where it says (a local file, an s3:// object), before anything downloads it."""
     uri = spec.model.weights
     if uri is None or uri == "hub":
         return
@@ -94,16 +95,21 @@ def _check_resume(spec: JobSpec) -> None:
         )
 
 
+def scan_dataset(spec: JobSpec) -> DatasetPlan:
+    """The data scan and seeded split every run uses (remote roots through the local cache)."""
+    try:
+        return plan_dataset(spec.data, spec.data.split_seed, storage.localizer(spec.data.cache_dir))
+    except DataError as err:
+        raise SpecError(str(err)) from None
+
+
 def build_plan(spec: JobSpec) -> TrainPlan:
     """Validate the spec against the real data and model. Raises SpecError naming the field or
     file; writes nothing but the local dataset and weights caches."""
-    _check_weights(spec)
+    check_weights(spec)
     _check_storage(spec)
     _check_resume(spec)
-    try:
-        dataset = plan_dataset(spec.data, spec.data.split_seed, storage.localizer(spec.data.cache_dir))
-    except DataError as err:
-        raise SpecError(str(err)) from None
+    dataset = scan_dataset(spec)
     check_spec_batch(len(dataset.train), spec)
     check_metrics(spec, len(dataset.class_names))
     class_weights = resolve_class_weights(spec, dataset.class_names, [y for _, y in dataset.train])

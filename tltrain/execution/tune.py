@@ -32,6 +32,7 @@ from tltrain.core.plan import TrainPlan, count_layer_groups
 from tltrain.execution.evaluate import score_checkpoint, test_split_of
 from tltrain.execution.packing import announce_fake_gpus, resolve_trials_per_gpu
 from tltrain.execution.preflight import build_plan
+from tltrain.execution.rank import prescreen
 from tltrain.execution.resource_watch import ResourceWatch
 from tltrain.execution.sweep_store import (
     SweepPaths,
@@ -373,14 +374,28 @@ def run_tune(
     if len(spec.name) > 110:
         raise SpecError("name: at most 110 characters for a sweep (each trial's run is <name>-<trial_id>)")
     plan = build_plan(spec)
-    space = validate_space(
-        spec, plan.num_layer_groups, groups_of=lambda variant: count_layer_groups(variant, len(plan.class_names))
-    )
+
+    def checked_space(spec: JobSpec) -> dict[str, Dist]:
+        return validate_space(
+            spec, plan.num_layer_groups, groups_of=lambda variant: count_layer_groups(variant, len(plan.class_names))
+        )
+
+    space = checked_space(spec)
+    # tune.prescreen: the source-model choices ranked by a transferability score first (forward
+    # passes only), and the space cut to the best `keep` of them before any trial is sampled.
+    spec, screened = prescreen(spec, out)
+    if screened is not None:
+        space = checked_space(spec)
     paths = sweep_paths(spec)
     # One driver per sweep name: taken before the storage check, so of two simultaneous starts
     # the loser is refused here and cannot also pass prepare_storage's "new sweep" test.
     with storage.acquire_lease(paths.uri, spec.name, "sweep", force=force_unlock):
-        return _search(spec, plan, space, paths, resume, out)
+        summary = _search(spec, plan, space, paths, resume, out)
+    if screened is not None:
+        summary["prescreen"] = screened
+        print(f"prescreen ({screened['score']}): searched {screened['kept']}; pruned {screened['pruned']}",
+              file=out, flush=True)  # fmt: skip
+    return summary
 
 
 def _search(

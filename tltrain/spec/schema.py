@@ -21,6 +21,9 @@ from tltrain.spec.space import parse_distribution
 DEFAULT_STORE_DIR = "~/.tltrain"
 # model.name of a torchvision model: torchvision:<name> (anything else is a timm name).
 TORCHVISION_PREFIX = "torchvision:"
+# `tltrain rank`'s transferability scores (core/transferability computes them); higher is better.
+RankScore = Literal["logme", "leep", "nce", "h_score"]
+RANK_SCORES: tuple[RankScore, ...] = ("logme", "leep", "nce", "h_score")
 
 
 class SpecError(ValueError):
@@ -389,6 +392,11 @@ class SchedulerSpec(_Section):
     reduction_factor: float = Field(default=3, gt=1, description="ASHA: keep 1/reduction_factor of trials per rung")
 
 
+class PrescreenSpec(_Section):
+    score: RankScore = Field(default="logme", description="the transferability score candidates are ranked by")
+    keep: int = Field(default=2, ge=1, description="how many of the best-scoring candidates the search keeps")
+
+
 class TuneSpec(_Section):
     num_samples: int = Field(default=8, ge=1, description="trials to run")
     metric: str = Field(default=metrics.VAL_ACC, description="metric the search optimises")
@@ -405,6 +413,11 @@ class TuneSpec(_Section):
         f"up to k per GPU (1..{MAX_TRIALS_PER_GPU}); auto = k from training steps measured on a GPU before "
         f"the sweep (largest searched batch, at most {GPU_MEMORY_SHARE:.0%} of its memory, at most "
         f"{MAX_AUTO_TRIALS_PER_GPU}); 1 = a whole GPU per worker",
+    )
+    prescreen: PrescreenSpec | None = Field(
+        default=None,
+        description="rank the space's model.name or model.weights choices first (as `tltrain rank`, with the "
+        "rank: section's sample settings) and search only the top `keep`; null = search every choice",
     )
     space: dict[str, Distribution | Literal["auto"]] = Field(
         default_factory=dict,
@@ -439,6 +452,50 @@ class TuneSpec(_Section):
         return v
 
 
+class RankCandidate(_Section):
+    name: str = Field(description="timm model name (as model.name)")
+    weights: str | None = Field(
+        default=None,
+        description='source weights, as model.weights: local path | s3:// URI | "hub" | null (random init)',
+    )
+    weights_remap: bool = Field(default=False, description="as model.weights_remap: pair the file's tensors in order")
+    label: str | None = Field(default=None, description="the candidate's name in the table; default name:weights")
+
+    def title(self) -> str:
+        if self.label:
+            return self.label
+        source = "random" if self.weights is None else Path(self.weights).name if "/" in self.weights else self.weights
+        return f"{self.name}:{source}"
+
+
+class RankSpec(_Section):
+    candidates: list[RankCandidate] = Field(
+        default_factory=list,
+        description="source models to rank, each {name, weights, weights_remap, label}; empty = the spec's model",
+    )
+    sample_per_class: int = Field(
+        default=20,
+        ge=2,
+        description="training images per class to score (seeded, class-stratified; fewer where a class has fewer)",
+    )
+    seed: int = Field(default=0, description="seed of the sample, so a ranking can be repeated")
+    scores: list[RankScore] = Field(
+        default_factory=lambda: list(RANK_SCORES),
+        description="scores to compute: logme, leep, nce (these two need the weights' source head; skipped with a "
+        "note where there is none unless listed here explicitly), h_score",
+    )
+    sort_by: RankScore = Field(default="logme", description="the score the table is ordered by, best first")
+    batch_size: int = Field(default=64, ge=1, description="images per forward pass while extracting features")
+
+    @model_validator(mode="after")
+    def _sort_by_computed(self) -> RankSpec:
+        if not self.scores:
+            raise ValueError("rank.scores: list at least one of " + ", ".join(RANK_SCORES))
+        if self.sort_by not in self.scores:
+            raise ValueError(f"rank.sort_by: {self.sort_by} is not in rank.scores {self.scores}; add it or sort by one")
+        return self
+
+
 class JobSpec(_Section):
     name: str = Field(description="run name; re-running the same name resumes it")
     model: ModelSpec
@@ -451,6 +508,7 @@ class JobSpec(_Section):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     tune: TuneSpec | None = Field(default=None, description="search settings, used by `tltrain tune`")
+    rank: RankSpec | None = Field(default=None, description="transferability ranking, used by `tltrain rank`")
 
     @field_validator("name")
     @classmethod
