@@ -233,3 +233,18 @@ def test_a_sweep_says_where_it_stands_after_each_trial(tmp_path: Path) -> None:
     line = standing(records, running=2, spec=spec)
     assert line == "sweep: 2 running, 2 done (1 stopped early), 1 failed of 6; best val/acc 0.7200 (b)"
     assert standing([], running=1, spec=spec).endswith("no best yet")
+
+
+def test_an_in_process_cli_call_leaves_the_environment_and_logging_as_it_found_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tltrain.cli import main
+    from tltrain.reports import console
+
+    for key in ("MLFLOW_CONFIGURE_LOGGING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+        monkeypatch.delenv(key, raising=False)
+    assert main(["spec-fields"]) == 0
+    capsys.readouterr()
+    # A later subprocess run with --library-logs must see MLflow configure its own logging again.
+    assert "MLFLOW_CONFIGURE_LOGGING" not in os.environ and "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ
+    assert console.library_logs()  # later in-process Ray sessions keep Ray's own forwarding

@@ -47,6 +47,7 @@ class _State:
     announced = False
     native_captured = False
     extras: set[str] = set()  # noqa: RUF012 - one process-wide state
+    env_set: list[str] = []  # noqa: RUF012 - the variables `setup` added, which `reset` removes
 
 
 _state = _State()
@@ -147,6 +148,9 @@ def reset() -> None:
     _state.log_file = None
     _state.announced = False
     _state.extras = set()
+    for key in _state.env_set:  # later subprocesses (and imports) see the user's environment again
+        os.environ.pop(key, None)
+    _state.env_set = []
 
 
 def setup(*, verbose: bool, library_logs: bool, command: str = "tltrain") -> None:
@@ -157,7 +161,9 @@ def setup(*, verbose: bool, library_logs: bool, command: str = "tltrain") -> Non
     _state.library_logs = library_logs
     if not library_logs:
         for key, value in _ENV_QUIET.items():
-            os.environ.setdefault(key, value)
+            if key not in os.environ:  # a user's own setting wins
+                _state.env_set.append(key)
+                os.environ[key] = value
     root = logging.getLogger()
     for handler in [h for h in root.handlers if getattr(h, "_tltrain", False)]:
         root.removeHandler(handler)
