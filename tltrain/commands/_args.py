@@ -29,3 +29,12 @@ def add_force_unlock_arg(p: argparse.ArgumentParser) -> None:
         help="take the name's lease even from an owner that looks alive (check that owner is gone first: "
         "`tltrain runs` shows it)",
     )
+
+
+def add_tracking_uri_arg(p: argparse.ArgumentParser) -> None:
+    """`--tracking-uri`: every registry command and `serve`."""
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite under ~/.tltrain)",
+    )

@@ -13,15 +13,13 @@ import json
 import sys
 from typing import Any
 
+from tltrain.commands._args import add_tracking_uri_arg
+
 _EXAMPLES = "refs: NAME (latest version) | NAME@ALIAS | NAME/VERSION"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite under ~/.tltrain)",
-    )
+    add_tracking_uri_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
 
 

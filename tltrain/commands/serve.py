@@ -11,6 +11,8 @@ import sys
 import textwrap
 from typing import Any
 
+from tltrain.commands._args import add_tracking_uri_arg
+
 
 def _port(text: str) -> int:
     port = int(text)
@@ -58,9 +60,5 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument(
         "--workers", type=int, default=1, help="uvicorn worker processes, each with its own copy of the model"
     )
-    p.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite under ~/.tltrain)",
-    )
+    add_tracking_uri_arg(p)
     p.set_defaults(func=cmd_serve)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tltrain.core.model import ModelError, _read_state_dict, head_param_names, layer_groups
+from tltrain.core.model import ModelError, _read_state_dict, head_param_names, layer_groups, shared_module_path
 
 
 @dataclass
@@ -101,19 +101,14 @@ def _pool(out: Any) -> torch.Tensor:
 def _group_module(model: nn.Module, param_names: list[str]) -> str:
     """The module whose output is a group's output: the deepest module holding all its parameters,
     or (a stem made of siblings, e.g. conv_stem + bn1) the module of its last parameter."""
-    parts = [n.split(".")[:-1] for n in param_names]
-    common: list[str] = []
-    for level in zip(*parts):
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
-    return ".".join(common) if common else ".".join(parts[-1])
+    common = shared_module_path(param_names)
+    return ".".join(common) if common else param_names[-1].rpartition(".")[0]
 
 
-def depth_modules(model: nn.Module) -> list[tuple[int, str, str]]:
-    """(freeze depth, group name, module path) for depths 1..groups: the output a run frozen to
-    that depth trains from."""
-    groups = layer_groups(model)[:-1]  # the head is never frozen input
+def depth_modules(model: nn.Module, coarse: bool = True) -> list[tuple[int, str, str]]:
+    """(freeze depth, group name, module path) for depths 1..groups (strategy.group_granularity's
+    groups, so the numbers are freeze_depth's): the output a run frozen to that depth trains from."""
+    groups = layer_groups(model, coarse=coarse)[:-1]  # the head is never frozen input
     return [(d, g.name, _group_module(model, g.param_names)) for d, g in enumerate(groups, start=1)]
 
 
@@ -124,6 +119,7 @@ def extract(
     device: torch.device,
     head: SourceHead | None = None,
     depths: bool = False,
+    coarse: bool = True,
 ) -> Extracted:
     """Forward every batch once in eval mode; float32 arrays out (the scores cast to float64)."""
     check_extractable(model, type(model).__name__)
@@ -133,7 +129,7 @@ def extract(
     hooks = []
     names: dict[int, str] = {}
     if depths:
-        for depth, name, path in depth_modules(model):
+        for depth, name, path in depth_modules(model, coarse):
             names[depth] = name
 
             def hook(_m: nn.Module, _i: Any, out: Any, depth: int = depth) -> None:

@@ -109,9 +109,9 @@ def train(
 ) -> LoopState:
     """Fine-tune `model` (weights already loaded) for spec.loop.epochs, reporting once per epoch.
 
-        `meta` (class names, data config, lineage) is saved with every checkpoint, its epoch, step and
-        metrics filled in here. `started_at` (perf_counter) is when the worker began setting up; the
-        first epoch's `epoch_wall_s` counts from there. `class_weights` (per label) weigh the loss.
+    `meta` (class names, data config, lineage) is saved with every checkpoint, its epoch, step and
+    metrics filled in here. `started_at` (perf_counter) is when the worker began setting up; the
+    first epoch's `epoch_wall_s` counts from there. `class_weights` (per label) weigh the loss.
     `live` (rank 0 only) hears of the steps inside each epoch, for the driver's progress line.
     """
     rank, world_size = distributed()

@@ -397,14 +397,19 @@ def _check_partition(model: nn.Module, groups: list[LayerGroup]) -> None:
         raise ModelError("layer groups: the model has no classification head parameters")
 
 
-def _group_label(names: list[str]) -> str:
-    """The module path the group's parameters share (`layer2`, `features.3`, `blocks.7`)."""
-    split = [n.split(".")[:-1] for n in names]
+def shared_module_path(param_names: list[str]) -> list[str]:
+    """The deepest module path (as parts) that holds all these parameters; [] for top-level siblings."""
     common: list[str] = []
-    for parts in zip(*split):
+    for parts in zip(*(n.split(".")[:-1] for n in param_names)):
         if len(set(parts)) != 1:
             break
         common.append(parts[0])
+    return common
+
+
+def _group_label(names: list[str]) -> str:
+    """The module path the group's parameters share (`layer2`, `features.3`, `blocks.7`)."""
+    common = shared_module_path(names)
     # Up to the first index: a stage (`features.3`, `layer2`), not the one block it happens to hold.
     for i, part in enumerate(common):
         if part.isdigit():

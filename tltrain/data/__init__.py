@@ -16,6 +16,7 @@ from tltrain.data.folder import (
     fingerprint,
     plan_dataset,
     scan_image_folder,
+    stratified_sample,
 )
 from tltrain.data.loaders import build_eval_loader, build_train_loader, build_transform, resolve_data_config
 
@@ -32,5 +33,6 @@ __all__ = [
     "plan_dataset",
     "resolve_data_config",
     "scan_image_folder",
+    "stratified_sample",
     "to_rgb",
 ]

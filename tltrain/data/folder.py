@@ -167,6 +167,16 @@ def _rng(seed: int, purpose: str, class_name: str) -> random.Random:
     return random.Random(f"{seed}:{purpose}:{class_name}")
 
 
+def stratified_sample(samples: Sequence[Sample], class_names: list[str], per_class: int, seed: int) -> list[Sample]:
+    """Up to `per_class` samples of each class (`tltrain rank`'s forward-only sample), one seeded
+    stream per class name as the splits use: the same sample every run, and a class's draw does not
+    move when another class is added or changes."""
+    out: list[Sample] = []
+    for y, items in enumerate(_by_class(samples, len(class_names))):
+        out += _rng(seed, "rank", class_names[y]).sample(sorted(items), min(per_class, len(items)))
+    return out
+
+
 def fingerprint(indexes: dict[str, FolderIndex], class_names: list[str]) -> dict[str, Any]:
     # Relative paths (every sample path starts with its root), so a dataset has the same
     # fingerprint whether it was read from a local folder or the cache copy of an s3:// prefix.

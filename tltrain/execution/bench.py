@@ -41,6 +41,7 @@ from tltrain.core.model import build_model, layer_groups
 from tltrain.core.optim import apply_freeze, set_frozen_norms_eval
 from tltrain.core.plan import TrainPlan
 from tltrain.core.steps import autocast_dtype
+from tltrain.execution.packing import worker_device
 from tltrain.execution.preflight import build_plan
 from tltrain.execution.trainer import ensure_ray, fit
 from tltrain.execution.worker import worker_fn
@@ -173,7 +174,7 @@ def _synthetic_worker(config: dict[str, Any]) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     spec = JobSpec.model_validate(config["spec"])
     num_classes, image_size = config["num_classes"], config["image_size"]
-    device = ray.train.torch.get_device()
+    device = worker_device()
     torch.manual_seed(spec.loop.seed)
     model = build_model(spec.model.model_copy(update={"weights": None}), num_classes, image_size=spec.data.image_size)
     groups = layer_groups(model, coarse=spec.strategy.group_granularity == "coarse")
@@ -196,7 +197,7 @@ def _synthetic_worker(config: dict[str, Any]) -> None:
 
 def _e2e_worker(config: dict[str, Any]) -> None:
     worker_fn(config)
-    device = ray.train.torch.get_device()
+    device = worker_device()
     peak, kind = _peak_mem(device)
     ray.train.report({"bench/peak_mem_bytes": peak, "bench/peak_mem_kind": kind})
 

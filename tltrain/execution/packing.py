@@ -76,12 +76,15 @@ def announce_fake_gpus(spec: JobSpec, out: TextIO) -> None:
         print(f"{FAKE_GPUS_ENV}=1: GPU workers hold fake GPU shares and train on CPU with gloo", file=out, flush=True)
 
 
-def _cpu_device() -> torch.device:
-    return torch.device("cpu")
+def worker_device() -> torch.device:
+    """A Ray Train worker's device: Ray's choice, or the CPU where the cluster's GPUs are fake
+    (TLTRAIN_FAKE_GPUS=1; `_on_cpu` has refused a worker that does see CUDA). Every worker
+    function asks this instead of `ray.train.torch.get_device`."""
+    return torch.device("cpu") if fake_gpus() else ray.train.torch.get_device()
 
 
 def _on_cpu(worker: Callable[[dict[str, Any]], None], config: dict[str, Any]) -> None:
-    """Run `worker` on this Ray Train worker with its GPU share but on the CPU."""
+    """Run `worker` on this Ray Train worker with its GPU share but on the CPU (`worker_device`)."""
     if torch.cuda.is_available():
         raise RuntimeError(
             f"{FAKE_GPUS_ENV}=1 says this cluster's GPUs are fake, but this worker sees CUDA device "
@@ -94,9 +97,6 @@ def _on_cpu(worker: Callable[[dict[str, Any]], None], config: dict[str, Any]) ->
             FAKE_GPUS_ENV,
             ray.get_gpu_ids(),
         )
-    # This process is the run's own Train worker: Ray's device lookup is replaced here only, for
-    # the worker function that asks it (execution/worker.py calls ray.train.torch.get_device()).
-    ray.train.torch.get_device = _cpu_device
     worker(config)
 
 

@@ -29,6 +29,7 @@ import ray
 import ray.data
 
 from tltrain import storage
+from tltrain.core.live import tenth
 from tltrain.data.folder import IMAGE_EXTENSIONS, _is_hidden
 from tltrain.execution.trainer import ensure_ray
 from tltrain.reports import console
@@ -46,8 +47,6 @@ from tltrain.tracking.scoring import (
     split_rows,
     write_results,
 )
-
-log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 64  # images per model call: the pyfunc's own chunk, fits a small GPU at 224 px
 # CPU actors: threads per actor (torch's intra-op parallelism stops paying off beyond a few for
@@ -167,10 +166,10 @@ class ScoreProgress:
         self.done += scored + skipped
         self.skipped += skipped
         now = time.monotonic()
-        tenth = self.done * 10 // max(self.total, 1)
-        if self.done >= self.total or (tenth <= self._last_tenth and now - self._last_at < PROGRESS_EVERY_S):
+        now_tenth = tenth(self.done, self.total)
+        if self.done >= self.total or (now_tenth <= self._last_tenth and now - self._last_at < PROGRESS_EVERY_S):
             return
-        self._last_tenth, self._last_at = tenth, now
+        self._last_tenth, self._last_at = now_tenth, now
         print(f"scored {self.done}/{self.total} images ({100 * self.done // max(self.total, 1)} %), "
               f"{self.rate():.1f} img/s" + (f", {self.skipped} unreadable" if self.skipped else ""),
               file=self.out, flush=True)  # fmt: skip
@@ -193,14 +192,12 @@ def _quiet_ray_data() -> None:
             data_log.removeHandler(handler)
 
 
-def score_on_cluster(
-    model: FetchedModel, files: list[str], *, address: str | None, batch_size: int, out: TextIO | None = None
-) -> pd.DataFrame:
+def score_on_cluster(model: FetchedModel, files: list[str], *, address: str | None, batch_size: int) -> pd.DataFrame:
     """Ray Data: the files in blocks of one batch each, `map_batches` over the Scorer in an actor
-    pool; the scored rows (with the error column) in the order of `files`. Progress goes to `out`
-    (default: sys.stderr as it is once Ray is up: reports.console may have moved it)."""
+    pool; the scored rows (with the error column) in the order of `files`. Progress goes to
+    sys.stderr as it is once Ray is up (reports.console may have moved it)."""
     ensure_ray(address)
-    out = out or sys.stderr
+    out = sys.stderr
     _quiet_ray_data()
     batches = math.ceil(len(files) / batch_size)
     plan = plan_actors(ray.cluster_resources(), batches)
@@ -270,7 +267,6 @@ def run_predict(
     address: str | None = None,
     batch_size: int | None = None,
     tracking_uri: str | None = None,
-    progress_out: TextIO | None = None,
 ) -> PredictResult:
     """Check every argument, score, write --out; ScoringInputError (before any scoring) for bad input.
 
@@ -288,7 +284,7 @@ def run_predict(
         model = fetch_model(model_ref, Path(tmp), tracking_uri=tracking_uri)
         started = time.monotonic()
         if on_cluster:
-            rows = score_on_cluster(model, found.files, address=address, batch_size=batch_size, out=progress_out)
+            rows = score_on_cluster(model, found.files, address=address, batch_size=batch_size)
         else:
             rows = score_here(model, found.files, batch_size=batch_size)
     seconds = time.monotonic() - started

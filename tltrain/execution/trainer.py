@@ -25,7 +25,7 @@ from ray.train.v2.api.callback import UserCallback
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from tltrain import storage
+from tltrain import WORKER_LOG_ENV, storage
 from tltrain.core.checkpoint import MANIFEST_FILE, META_FILE, CheckpointMeta
 from tltrain.core.live import STEP
 from tltrain.core.plan import TrainPlan
@@ -97,7 +97,7 @@ def ensure_ray(address: str | None, num_cpus: int | None = None) -> None:
         console.capture_native_stderr()  # its C++ core worker writes to fd 2 directly
         if not inside_ray_job:
             env_vars = kwargs.setdefault("runtime_env", {}).setdefault("env_vars", {})
-            env_vars[console.WORKER_ENV] = str(logging.getLogger("tltrain").getEffectiveLevel())
+            env_vars[WORKER_LOG_ENV] = str(logging.getLogger("tltrain").getEffectiveLevel())
     ray.init(address=address, num_cpus=num_cpus, logging_level=logging.WARNING, configure_logging=not quiet,
              log_to_driver=True, **kwargs)  # fmt: skip
     if quiet and not inside_ray_job:

@@ -6,6 +6,7 @@ The loop only sees torch.distributed and a `report` callable; this module turns 
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import tempfile
@@ -36,6 +37,7 @@ from tltrain.core.model import build_model, layer_groups
 from tltrain.core.plan import TrainPlan
 from tltrain.core.steps import autocast_dtype
 from tltrain.data import build_eval_loader, build_train_loader, build_transform
+from tltrain.execution.packing import worker_device
 from tltrain.spec.schema import JobSpec
 
 log = logging.getLogger(__name__)
@@ -166,7 +168,7 @@ def worker_fn(config: dict[str, Any]) -> None:
     plan = TrainPlan(**config["plan"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+    device = worker_device()
     torch.manual_seed(spec.loop.seed)
 
     resuming = ray.train.get_checkpoint() is not None
@@ -192,7 +194,8 @@ def worker_fn(config: dict[str, Any]) -> None:
     )
     upload = _upload_fn(spec)
     queue = config.get(PROGRESS_QUEUE)  # the driver's (train/compare); Tune trials have none
-    live = LiveSteps(_sender(queue), world_size) if queue is not None and rank == 0 else None
+    # A non-blocking put (one actor round trip, every few seconds at most): never stalls a step.
+    live = LiveSteps(functools.partial(queue.put, block=False), world_size) if queue is not None and rank == 0 else None
 
     def report(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -216,15 +219,6 @@ def worker_fn(config: dict[str, Any]) -> None:
 
 
 PROGRESS_QUEUE = "progress_queue"  # the worker config key trainer.fit sets
-
-
-def _sender(queue: Any) -> Callable[[dict[str, Any]], None]:
-    """A put into the driver's queue that never blocks training for long (one actor round trip)."""
-
-    def send(message: dict[str, Any]) -> None:
-        queue.put(message, block=False)
-
-    return send
 
 
 def checkpoint_uri(storage_uri: str, path: str) -> str:

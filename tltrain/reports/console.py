@@ -9,7 +9,7 @@ own loggers at INFO.
 
 This module sets up Python logging and the environment only (logger names and env vars); the
 libraries' own switches are flipped in their layers: `execution.trainer.ensure_ray` (Ray's
-`configure_logging`, `log_to_driver`) and `tracking/` (MLflow's console prints).
+`configure_logging`, its forwarder of worker output) and `tracking/` (MLflow's console prints).
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ FORMAT = "%(levelname)s %(name)s: %(message)s"
 # In the Ray processes of a job whose driver keeps library output off the terminal, tltrain's log
 # lines start with this mark: the driver forwards those lines and no others (execution/trainer).
 WORKER_MARK = "[tltrain]"
-WORKER_ENV = WORKER_LOG_ENV  # set in the job's runtime env: the driver's tltrain level
 
 
 class _State:
@@ -64,11 +63,6 @@ def adopt(name: str) -> None:
     lib = logging.getLogger(name)
     lib.handlers = []
     lib.propagate = True
-
-
-def log_file() -> Path | None:
-    """Where library output goes this process (None with `--library-logs` or before `setup`)."""
-    return _state.log_file
 
 
 def announce(extra: str = "") -> None:
@@ -197,13 +191,13 @@ def setup(*, verbose: bool, library_logs: bool, command: str = "tltrain") -> Non
 
 
 def mark_worker_logs() -> None:
-    """In a Ray worker or actor of such a job (tltrain/__init__ calls this when WORKER_ENV is set):
+    """In a Ray worker or actor of such a job (tltrain/__init__ calls this when WORKER_LOG_ENV is set):
     tltrain's records go to this process's stderr, which Ray forwards, with WORKER_MARK in front."""
     own = logging.getLogger("tltrain")
     if any(getattr(h, "_tltrain_mark", False) for h in own.handlers):
         return
     try:
-        level = int(os.environ.get(WORKER_ENV) or logging.WARNING)
+        level = int(os.environ.get(WORKER_LOG_ENV) or logging.WARNING)
     except ValueError:
         level = logging.WARNING
     handler = logging.StreamHandler(sys.stderr)

@@ -142,6 +142,7 @@ class ImageInputError(MlflowException, ValueError):
 
     def __init__(self, index: int, problem: str) -> None:
         super().__init__(f"input {index}: {problem}; {ACCEPTED}", error_code=INVALID_PARAMETER_VALUE)
+        self.problem = problem  # what is wrong with this item alone (batch scoring's summary shows it)
 
     # MLflow's scoring server rewrites the message of an exception raised by predict into
     # "Failed to predict data '<the whole request as a DataFrame>'. \nError: ...": several lines

@@ -58,8 +58,6 @@ from tltrain.tracking.tracker import (
 log = logging.getLogger(__name__)
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-# The model_config with which a process's own image files may be named in the input (see _model_config).
-LOCAL_FILES = {"allow_local_paths": True}
 DEFAULT_EXPERIMENT = "tltrain"
 # What the downstream process must install; pinned to the versions that built and checked the
 # package (local build tags like "+cpu" dropped so a CUDA build satisfies them too).
@@ -362,12 +360,3 @@ def model_uri(ref: str) -> str:
     if "://" in ref or ref.startswith(("models:/", "runs:/")) or Path(ref).expanduser().exists():
         return ref
     return f"models:/{ref}"
-
-
-def predict(ref: str, images: list[str], *, tracking_uri: str | None = None) -> Any:
-    """Load the pyfunc exactly as a downstream process would and classify image files: the files
-    are the caller's own, so this process turns the pyfunc's local paths on (a served model keeps
-    them off)."""
-    with _use_tracking_uri(resolve_tracking_uri(tracking_uri)):
-        model = mlflow.pyfunc.load_model(model_uri(ref), model_config=dict(LOCAL_FILES))
-        return model.predict(images)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import shutil
 import tarfile
 import tempfile
@@ -31,18 +30,15 @@ import mlflow.artifacts
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from tltrain import storage
-from tltrain.tracking.registry import model_uri, resolve_version
+from tltrain.tracking.registry import _client, model_uri, resolve_version
 from tltrain.tracking.tracker import redact, resolve_tracking_uri
 
 # The output table, in column order: then one prob_<class> column per class (the pyfunc's names).
 PATH, LABEL, PROBABILITY = "path", "label", "probability"
-PROB_PREFIX = "prob_"
 # Set on a Scorer's rows only: "" when scored, else why the file was skipped (dropped from the output).
 ERROR = "error"
 OUT_FORMATS = (".csv", ".parquet")
@@ -56,7 +52,6 @@ class ScoringInputError(ValueError):
 class FetchedModel:
     uri: str  # what was scored: models:/NAME/VERSION (pinned), runs:/..., or the local directory
     local_dir: Path  # the pyfunc package on this machine
-    class_names: list[str] | None  # from the package's metadata (None for a model tltrain did not log)
 
 
 def fetch_model(ref: str, dest: Path, *, tracking_uri: str | None = None) -> FetchedModel:
@@ -66,14 +61,16 @@ def fetch_model(ref: str, dest: Path, *, tracking_uri: str | None = None) -> Fet
     if local.exists():
         if not (local / "MLmodel").is_file():
             raise ScoringInputError(f"MODEL_URI {ref}: not an MLflow model directory (it has no MLmodel file)")
-        return FetchedModel(str(local.absolute()), local.absolute(), _class_names(local))
+        return FetchedModel(str(local.absolute()), local.absolute())
     uri = resolve_tracking_uri(tracking_uri)
     target = model_uri(ref)
     try:
+        if target.startswith("models:/"):
+            mv = resolve_version(_client(uri)[0], ref)
+            target = f"models:/{mv.name}/{mv.version}"
+        # download_artifacts' own tracking_uri/registry_uri arguments do not reach the models:/
+        # resolution in MLflow 3.17 (it finds no model): the process-wide URI is set around it.
         with _use_tracking_uri(uri):
-            if target.startswith("models:/"):
-                mv = resolve_version(MlflowClient(tracking_uri=uri, registry_uri=uri), ref)
-                target = f"models:/{mv.name}/{mv.version}"
             path = Path(mlflow.artifacts.download_artifacts(artifact_uri=target, dst_path=str(dest)))
     except (MlflowException, LookupError, OSError) as err:
         reason = redact((getattr(err, "message", None) or str(err)).strip().splitlines()[0])
@@ -81,12 +78,7 @@ def fetch_model(ref: str, dest: Path, *, tracking_uri: str | None = None) -> Fet
         raise ScoringInputError(f"MODEL_URI {ref}: {reason} (tracking store {redact(uri)}{hint})") from None
     if not (path / "MLmodel").is_file():
         raise ScoringInputError(f"MODEL_URI {ref}: {target} is not an MLflow model (it has no MLmodel file)")
-    return FetchedModel(target, path, _class_names(path))
-
-
-def _class_names(model_dir: Path) -> list[str] | None:
-    names = (Model.load(str(model_dir / "MLmodel")).metadata or {}).get("class_names")
-    return [str(n) for n in names] if isinstance(names, list) else None
+    return FetchedModel(target, path)
 
 
 def pack_model(model_dir: Path) -> bytes:
@@ -104,12 +96,13 @@ _UNDECODABLE = (ValueError, OSError)
 
 
 def _reason(err: BaseException) -> str:
-    """One short line for the summary. The pyfunc's ImageInputError reads "input N: <problem>;
-    send <what is accepted>", of which only the problem is about this file."""
+    """One short line for the summary: the pyfunc's ImageInputError carries the problem with this
+    file on its own (its message adds the index and what is accepted); anything else, its first line."""
+    problem = getattr(err, "problem", None)
+    if problem:
+        return str(problem)
     text = (getattr(err, "message", None) or str(err)).strip().splitlines()
-    first = text[0] if text else ""
-    own = re.match(r"input \d+: (.*?)(?:; send .*)?$", first)
-    return own.group(1) if own else f"{type(err).__name__}: {first}".rstrip(": ")
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 class Scorer:

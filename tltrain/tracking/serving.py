@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tltrain.tracking.registry import model_uri, resolve_version
+from tltrain.tracking.registry import _client, model_uri, resolve_version
 from tltrain.tracking.tracker import redact, resolve_tracking_uri
 
 # Environment variables through which MLflow hands a model_config to a served model.
@@ -85,7 +85,6 @@ def plan_serve(
 ) -> ServePlan:
     """Resolve `ref` (NAME@ALIAS | NAME/VERSION | NAME) and build the `mlflow models serve`
     command and environment; ServeError for anything that would stop it from serving."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     env = dict(os.environ if environ is None else environ)
@@ -96,7 +95,7 @@ def plan_serve(
     if not model_uri(ref).startswith("models:/"):
         raise ServeError(f"{ref}: tltrain serve takes a registered model, NAME@ALIAS | NAME/VERSION | NAME")
     try:
-        mv = resolve_version(MlflowClient(tracking_uri=uri, registry_uri=uri), ref)
+        mv = resolve_version(_client(uri)[0], ref)
     except (MlflowException, LookupError) as err:
         first = str(getattr(err, "message", err)).splitlines()[0]
         raise ServeError(f"{ref}: not found at {redact(uri)} ({first}); see `tltrain registry list`") from None
