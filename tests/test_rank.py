@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -21,7 +22,11 @@ from tltrain.commands.demo import packaged_lite0_weights
 from tltrain.commands.rank import candidates_override
 from tltrain.core.features import source_head
 from tltrain.core.model import build_model, layer_groups
+from tltrain.core.transferability import kendall_tau
+from tltrain.data import stratified_sample
 from tltrain.execution import rank as rank_mod
+from tltrain.execution.rank_check import correlations
+from tltrain.reports.rank import format_check_table
 from tltrain.spec.load import parse_spec
 from tltrain.spec.schema import ModelSpec, SpecError
 
@@ -190,11 +195,16 @@ def test_a_sample_with_fewer_than_two_images_in_a_class_is_refused(tmp_path: Pat
 
 def test_the_sample_is_seeded_and_class_stratified() -> None:
     train = [(f"/d/{c}/{i}.png", c) for c in range(3) for i in range(10 + c)]
-    a = rank_mod.stratified_sample(train, 3, 4, seed=0)
-    assert a == rank_mod.stratified_sample(list(reversed(train)), 3, 4, seed=0)  # order-free, repeatable
-    assert a != rank_mod.stratified_sample(train, 3, 4, seed=1)
+    names = ["a", "b", "c"]
+    a = stratified_sample(train, names, 4, seed=0)
+    assert a == stratified_sample(list(reversed(train)), names, 4, seed=0)  # order-free, repeatable
+    assert a != stratified_sample(train, names, 4, seed=1)
     assert [sum(1 for _, y in a if y == c) for c in range(3)] == [4, 4, 4]
-    assert len(rank_mod.stratified_sample(train, 3, 50, seed=0)) == len(train)  # capped by the class sizes
+    assert len(stratified_sample(train, names, 50, seed=0)) == len(train)  # capped by the class sizes
+    # A new class sorting first shifts every index but leaves the others' draws (seeded by name).
+    shifted = [(p, y + 1) for p, y in train] + [("/d/0new/0.png", 0)]
+    again = stratified_sample(shifted, ["0new", *names], 4, seed=0)
+    assert sorted(p for p, y in again if y > 0) == sorted(p for p, _ in a)
 
 
 def test_source_head_is_found_in_the_packaged_weights_and_not_in_a_headless_file(tmp_path: Path) -> None:
@@ -227,16 +237,21 @@ def test_candidates_file_becomes_the_rank_candidates_field(tmp_path: Path) -> No
                     "rank": {"scores": ["logme"], "sort_by": "leep"}})  # fmt: skip
 
 
-@pytest.mark.integration
-def test_a_prescreened_sweep_trains_only_the_kept_candidates(tmp_path: Path, fashion_folders: tuple[str, str]) -> None:
-    train, val = fashion_folders
+def _test_resnet_sources(tmp_path: Path) -> list[str]:
+    """Two "pretrained" test_resnets (seeds 1, 2) with their own 7-class source heads."""
     sources = []
-    for seed in (1, 2):  # two "pretrained" test_resnets with their own 7-class source heads
+    for seed in (1, 2):
         torch.manual_seed(seed)
         path = tmp_path / f"source{seed}.pth"
         torch.save(timm.create_model("test_resnet", num_classes=7).state_dict(), path)
         sources.append(str(path))
-    choices = [*sources, None]
+    return sources
+
+
+@pytest.mark.integration
+def test_a_prescreened_sweep_trains_only_the_kept_candidates(tmp_path: Path, fashion_folders: tuple[str, str]) -> None:
+    train, val = fashion_folders
+    choices = [*_test_resnet_sources(tmp_path), None]
     tree = {
         "name": "screened",
         "model": {"name": "test_resnet"},
@@ -281,3 +296,78 @@ def test_prescreen_needs_one_searched_choice_of_source_models(tmp_path: Path, no
             rank_mod.prescreen(parse_spec(tree), io.StringIO())
     unscreened = parse_spec({**base, "tune": {"space": {"optim.lr": {"choice": [1e-3]}}}})
     assert rank_mod.prescreen(unscreened, io.StringIO()) == (unscreened, None)
+
+
+def test_kendall_tau_is_scipys_tau_b_with_ties() -> None:
+    from scipy.stats import kendalltau
+
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 5, 9):
+        x, y = rng.integers(0, 4, n).astype(float), rng.normal(size=n)  # ties in x
+        expected = kendalltau(x, y).statistic
+        got = kendall_tau(list(x), list(y))
+        assert (got is None and np.isnan(expected)) or got == pytest.approx(expected, abs=1e-12), (x, y)
+    assert kendall_tau([1, 2, 3], [10, 20, 30]) == 1.0 and kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
+    assert kendall_tau([1, 1, 1], [1, 2, 3]) is None and kendall_tau([1], [2]) is None
+
+
+def test_the_check_correlates_within_the_pretrained_candidates_too() -> None:
+    rows = [
+        {"candidate": "a", "weights": "a.pth", "scores": {"logme": 3.0, "leep": -1.0}, "fine_tuned": 0.9},
+        {"candidate": "b", "weights": "b.pth", "scores": {"logme": 2.0, "leep": -0.5}, "fine_tuned": 0.8},
+        {"candidate": "c", "weights": None, "scores": {"logme": 1.0, "leep": None}, "fine_tuned": 0.1},
+    ]
+    taus = {(t["among"], t["score"]): (t["tau"], t["n"]) for t in correlations(rows, ["logme", "leep"], depths=False)}
+    assert taus[("all candidates", "logme")] == (1.0, 3)
+    assert taus[("all candidates", "leep")] == (-1.0, 2)  # random init has no LEEP: left out, n says so
+    assert taus[("pretrained only", "logme")] == (1.0, 2)
+    for row, ft_s in zip(rows, (10.0, 20.0, 30.0)):
+        row["fine_tune_s"] = ft_s
+    check = {"metric": "test/acc", "correlations": correlations(rows, ["logme"], depths=False), "rank_s": 6.0,
+             "fine_tune_s": 60.0}  # fmt: skip
+    table = format_check_table(rows, ["logme"], check)
+    assert "all candidates (n=3): logme +1.00" in table and "pretrained only (n=2): logme +1.00" in table
+    assert "the 3 fine-tunes 60 s (10x the ranking)" in table
+
+
+@pytest.mark.integration
+def test_fine_tune_check_trains_every_candidate_and_correlates_its_test_accuracy(
+    tmp_path: Path, fashion_folders: tuple[str, str]
+) -> None:
+    from mlflow import MlflowClient
+
+    train, val = fashion_folders
+    candidates = [
+        {"name": "test_resnet", "weights": path, "label": Path(path).stem} for path in _test_resnet_sources(tmp_path)
+    ]
+    candidates.append({"name": "test_resnet", "label": "random"})
+    tree = _spec(tmp_path, train, val, candidates, sample_per_class=5)
+    tree["model"] = {"name": "test_resnet"}
+    tree["data"].update(image_size=32, test=val, val_fraction=0.2)
+    del tree["data"]["val"]
+    tree["loop"] = {"epochs": 1, "precision": "fp32", "max_steps_per_epoch": 3, "seed": 0}
+    tree["scaling"].update(num_workers=1, batch_size_per_worker=16)
+    tree["storage"] = {"uri": str(tmp_path / "runs"), "keep": 1}
+    tree["tracking"]["registry_name"] = "should-not-register"
+    res = _tltrain("rank", str(_write(tmp_path, tree)), "--fine-tune", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    check, rows = out["fine_tune"], out["candidates"]
+    assert check["metric"] == "test/acc" and 0 < check["rank_s"] < check["fine_tune_s"]
+    assert all(0.0 <= r["fine_tuned"] <= 1.0 and r["fine_tune_s"] > 0 for r in rows)
+    taus = {(t["among"], t["score"]): t for t in check["correlations"]}
+    logme = taus[("all candidates", "logme")]
+    assert logme["n"] == 3 and taus[("pretrained only", "logme")]["n"] == 2
+    assert logme["tau"] == kendall_tau([r["scores"]["logme"] for r in rows], [r["fine_tuned"] for r in rows])
+    assert "Kendall tau-b of each score with test/acc" in res.stdout
+    # Each fine-tune is an MLflow run under the check's parent, its test/acc the row's; none registered.
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(check["mlflow_run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    by_name = {c.data.tags["mlflow.runName"]: c.data.metrics for c in children}
+    assert {f"rank-test-ft-{r['candidate']}": r["fine_tuned"] for r in rows} == {
+        name: metrics["test/acc"] for name, metrics in by_name.items()
+    }
+    assert client.search_registered_models() == []

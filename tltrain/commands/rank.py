@@ -35,7 +35,7 @@ def cmd_rank(args: argparse.Namespace) -> dict[str, Any]:
     from tltrain.execution.rank import run_rank
 
     overrides = list(args.set) + ([candidates_override(args.candidates)] if args.candidates else [])
-    return run_rank(load_spec(args.spec, overrides), depths=args.depths)
+    return run_rank(load_spec(args.spec, overrides), depths=args.depths, fine_tune=args.fine_tune)
 
 
 def add_commands(sub: Any) -> None:
@@ -47,4 +47,10 @@ def add_commands(sub: Any) -> None:
     add_spec_args(p)
     p.add_argument("--candidates", default=None, metavar="FILE", help="YAML list of {name, weights, weights_remap}")
     p.add_argument("--depths", action="store_true", help="score the pooled output of each layer group of one model")
+    p.add_argument(
+        "--fine-tune",
+        action="store_true",
+        help="then fine-tune every candidate (or depth) with the spec's training settings and report each score's "
+        "Kendall tau with the accuracy reached: checks a score on your data before a search trusts it",
+    )
     p.set_defaults(func=cmd_rank)

@@ -256,3 +256,18 @@ def compute_scores(
         else:
             raise TransferabilityError(f"unknown score {name!r}: choose from {', '.join(SCORES)}")
     return out
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Kendall's tau-b rank correlation (Kendall 1945: ties in either list reduce the denominator,
+    as scipy.stats.kendalltau's default). 1 = the two orders agree on every pair, -1 = reversed;
+    None below 2 items or when either list is constant (no order to compare)."""
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise TransferabilityError(f"kendall_tau: lists of equal length expected, got {a.shape} and {b.shape}")
+    i, j = np.triu_indices(len(a), k=1)
+    da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+    untied_a, untied_b = np.count_nonzero(da), np.count_nonzero(db)
+    if untied_a == 0 or untied_b == 0:
+        return None
+    return float(np.sum(da * db) / np.sqrt(float(untied_a) * float(untied_b)))

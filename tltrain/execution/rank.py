@@ -12,9 +12,8 @@ strategy.freeze_depth).
 from __future__ import annotations
 
 import json
-import logging
-import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,7 +26,7 @@ from tltrain import storage
 from tltrain.core.features import SourceHead, check_extractable, extract, hub_source_head, source_head
 from tltrain.core.model import ModelError, build_model
 from tltrain.core.transferability import FEATURE_SCORES, NEEDS_SOURCE_HEAD, TransferabilityError, compute_scores
-from tltrain.data import Sample, build_eval_loader, build_transform, resolve_data_config
+from tltrain.data import build_eval_loader, build_transform, resolve_data_config, stratified_sample
 from tltrain.execution.preflight import check_weights, scan_dataset
 from tltrain.execution.trainer import ensure_ray
 from tltrain.execution.worker import rebase
@@ -35,8 +34,6 @@ from tltrain.reports.rank import format_rank_table
 from tltrain.spec.load import parse_spec
 from tltrain.spec.schema import JobSpec, ModelSpec, RankCandidate, RankSpec, SpecError
 from tltrain.spec.space import Dist, parse_distribution
-
-log = logging.getLogger(__name__)
 
 # MLflow metric names of the scores: rank/<score>.
 METRIC_PREFIX = "rank/"
@@ -46,7 +43,6 @@ METRIC_PREFIX = "rank/"
 class Checked:
     """A candidate that passed the driver's checks."""
 
-    field: str  # rank.candidates[i], for messages
     candidate: RankCandidate
     model: ModelSpec
     head: SourceHead | None
@@ -65,20 +61,6 @@ def candidates_of(spec: JobSpec) -> list[RankCandidate]:
     return [RankCandidate(name=m.name, weights=m.weights, weights_remap=m.weights_remap)]
 
 
-def stratified_sample(train: list[Sample], num_classes: int, per_class: int, seed: int) -> list[tuple[str, int]]:
-    """Up to `per_class` images of each class, drawn with a generator seeded from (seed, class):
-    the same sample on every run, and a class's draw does not move when another class changes."""
-    by_class: list[list[tuple[str, int]]] = [[] for _ in range(num_classes)]
-    for path, y in train:
-        by_class[int(y)].append((str(path), int(y)))
-    out: list[tuple[str, int]] = []
-    for y, items in enumerate(by_class):
-        items.sort()
-        rng = random.Random(f"rank:{seed}:{y}")
-        out += rng.sample(items, min(per_class, len(items)))
-    return out
-
-
 def _needs_head(rank: RankSpec) -> set[str]:
     """Head scores the user asked for by name (listed in rank.scores, or sorted by): a candidate
     without a source head is refused for these; the default list skips them with a note."""
@@ -93,6 +75,11 @@ def check_candidates(spec: JobSpec, num_classes: int, depths: bool) -> list[Chec
     candidates = candidates_of(spec)
     if depths and len(candidates) != 1:
         raise SpecError(f"--depths scores one model; rank.candidates lists {len(candidates)}: keep one (or none)")
+    if depths and not set(FEATURE_SCORES) & set(rank.scores):
+        raise SpecError(
+            f"--depths scores each layer group's features: rank.scores {list(rank.scores)} has none of "
+            f"{sorted(FEATURE_SCORES)} (the source head sees only the last group); add one"
+        )
     titles = [c.title() for c in candidates]
     twice = sorted({t for t in titles if titles.count(t) > 1})
     if twice:
@@ -122,7 +109,7 @@ def check_candidates(spec: JobSpec, num_classes: int, depths: bool) -> list[Chec
                 "model's own classifier, and these weights have none (random init or a head-less file): drop "
                 f"{'them' if len(missing) > 1 else 'it'} from rank.scores (and rank.sort_by) or use weights with a head"
             )
-        checked.append(Checked(field, cand, model_spec, head))
+        checked.append(Checked(cand, model_spec, head))
     return checked
 
 
@@ -165,7 +152,7 @@ def _score_task(
         if head is None
         else SourceHead(torch.from_numpy(head[0]), None if head[1] is None else torch.from_numpy(head[1]))
     )
-    out = extract(model, loader, device, source, depths=depths)
+    out = extract(model, loader, device, source, depths=depths, coarse=spec.strategy.group_granularity == "coarse")
     scores = compute_scores(
         rank.scores, out.labels, features=out.features, source_logits=out.source_logits, num_classes=num_classes
     )
@@ -219,14 +206,21 @@ def _track(spec: JobSpec, rows: list[dict[str, Any]], key: str, run_name: str) -
         return parent.run_id
 
 
-def run_rank(spec: JobSpec, *, depths: bool = False, echo: bool = True) -> dict[str, Any]:
-    """The whole command; returns the --json summary (rows best first)."""
+def run_rank(spec: JobSpec, *, depths: bool = False, fine_tune: bool = False, echo: bool = True) -> dict[str, Any]:
+    """The whole command; returns the --json summary (rows best first). fine_tune: then train
+    every row with the spec's settings and correlate the scores with what they reached
+    (execution/rank_check)."""
+    started = time.monotonic()
     rank = rank_settings(spec)
     dataset = scan_dataset(spec)
     num_classes = len(dataset.class_names)
-    sample = stratified_sample(list(dataset.train), num_classes, rank.sample_per_class, rank.seed)
+    sample = stratified_sample(dataset.train, dataset.class_names, rank.sample_per_class, rank.seed)
     _check_sample(sample, dataset.class_names)
     checked = check_candidates(spec, num_classes, depths)
+    if fine_tune:
+        from tltrain.execution.rank_check import check_fine_tunes
+
+        check_fine_tunes(spec, [c.candidate for c in checked], depths)
     ensure_ray(spec.scaling.address)
     task = ray.remote(num_cpus=spec.scaling.cpus_per_worker, num_gpus=1 if spec.scaling.use_gpu else 0)(_score_task)
     futures = []
@@ -250,7 +244,7 @@ def run_rank(spec: JobSpec, *, depths: bool = False, echo: bool = True) -> dict[
             note += " skipped"
         rows.append({
             "candidate": c.candidate.title(), "model": c.candidate.name, "weights": c.candidate.weights,
-            "scores": res["scores"], "feature_dim": res["feature_dim"], "images": res["images"],
+            "weights_remap": c.candidate.weights_remap, "scores": res["scores"], "feature_dim": res["feature_dim"], "images": res["images"],
             "seconds": res["seconds"], "note": note, "depths": res.get("depths"),
         })  # fmt: skip
     if depths:
@@ -266,9 +260,10 @@ def run_rank(spec: JobSpec, *, depths: bool = False, echo: bool = True) -> dict[
             print(f"{only['candidate']}: scores of each freeze depth's input, best first by {sort_by}")
             print(format_rank_table(ordered, shown, key="depth"))
         run_id = _track(spec, ordered, "depth", f"{spec.name}-rank-depths")
+        check = _fine_tune(spec, ordered, shown, True, "depth", started) if fine_tune else None
         return {"name": spec.name, "candidate": only["candidate"], "scores": only["scores"], "sort_by": sort_by,
                 "images": len(sample), "depths": json.loads(json.dumps(ordered, default=float)),
-                "best_freeze_depth": ordered[0]["freeze_depth"], "mlflow_run_id": run_id}  # fmt: skip
+                "best_freeze_depth": ordered[0]["freeze_depth"], "mlflow_run_id": run_id, "fine_tune": check}  # fmt: skip
     ordered = _order(rows, rank.sort_by)
     for r in ordered:
         r.pop("depths", None)
@@ -277,6 +272,7 @@ def run_rank(spec: JobSpec, *, depths: bool = False, echo: bool = True) -> dict[
               f"best first by {rank.sort_by}")  # fmt: skip
         print(format_rank_table(ordered, list(rank.scores)))
     run_id = _track(spec, ordered, "candidate", f"{spec.name}-rank")
+    check = _fine_tune(spec, ordered, list(rank.scores), False, "candidate", started) if fine_tune else None
     return {
         "name": spec.name,
         "sort_by": rank.sort_by,
@@ -284,7 +280,16 @@ def run_rank(spec: JobSpec, *, depths: bool = False, echo: bool = True) -> dict[
         "candidates": json.loads(json.dumps(ordered, default=float)),
         "best": ordered[0]["candidate"],
         "mlflow_run_id": run_id,
+        "fine_tune": check,
     }
+
+
+def _fine_tune(
+    spec: JobSpec, rows: list[dict[str, Any]], scores: Sequence[str], depths: bool, key: str, started: float
+) -> dict[str, Any]:
+    from tltrain.execution.rank_check import fine_tune_rows
+
+    return fine_tune_rows(spec, rows, scores, depths=depths, key=key, rank_wall_s=time.monotonic() - started)
 
 
 # The searched keys a prescreen ranks: which source model a trial starts from.
@@ -332,16 +337,17 @@ def prescreen(spec: JobSpec, out: TextIO) -> tuple[JobSpec, dict[str, Any] | Non
     result = run_rank(spec.model_copy(update={"rank": rank}), echo=False)
     order = [row["candidate"] for row in result["candidates"]]
     kept_labels = set(order[: screen.keep])
-    kept = [v for v, label in zip(values, labels) if label in kept_labels]
-    pruned = [v for v, label in zip(values, labels) if label not in kept_labels]
+    value_of = dict(zip(labels, values))
+    kept = [value_of[label] for label in labels if label in kept_labels]
+    pruned = [value_of[label] for label in labels if label not in kept_labels]
     print(format_rank_table(result["candidates"], [screen.score]), file=out)
-    print(f"prescreen: searching {', '.join(map(str, [labels[values.index(v)] for v in kept]))}; pruned "
-          f"{', '.join(labels[values.index(v)] for v in pruned) or 'none'}", file=out, flush=True)  # fmt: skip
+    print(f"prescreen: searching {', '.join(label for label in labels if label in kept_labels)}; pruned "
+          f"{', '.join(label for label in labels if label not in kept_labels) or 'none'}", file=out, flush=True)  # fmt: skip
     tree = spec.to_dict()
     tree["tune"]["space"][key] = {"choice": kept}
     report = {
         "key": key, "score": screen.score, "keep": screen.keep, "kept": kept, "pruned": pruned,
-        "ranking": [{"candidate": r["candidate"], "value": values[labels.index(r["candidate"])],
+        "ranking": [{"candidate": r["candidate"], "value": value_of[r["candidate"]],
                      screen.score: r["scores"][screen.score]} for r in result["candidates"]],
         "mlflow_run_id": result["mlflow_run_id"],
     }  # fmt: skip

@@ -34,3 +34,35 @@ def format_rank_table(rows: list[dict[str, Any]], scores: Sequence[str], *, key:
              for r in [header, *body]]  # fmt: skip
     notes = [f"  {row[key]}: {row['note']}" for row in rows if row.get("note")]
     return "\n".join(lines + (["notes:", *notes] if notes else []))
+
+
+def format_check_table(
+    rows: list[dict[str, Any]], scores: Sequence[str], check: dict[str, Any], *, key: str = "candidate"
+) -> str:
+    """`rank --fine-tune`: each row's scores beside the accuracy its fine-tune reached, Kendall's
+    tau of every score with that accuracy (with n), and what the ranking cost beside the fine-tunes."""
+    metric = check["metric"]
+    header = ["#", key, *scores, metric, "fine-tune s"]
+    body = [
+        [str(i), str(row[key]), *(_cell(row["scores"].get(s)) for s in scores), _cell(row["fine_tuned"]),
+         f"{row['fine_tune_s']:.0f}"]
+        for i, row in enumerate(rows, start=1)
+    ]  # fmt: skip
+    widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if c == 1 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths)))
+             for r in [header, *body]]  # fmt: skip
+    lines.append(f"Kendall tau-b of each score with {metric} (1 = same order, -1 = reversed):")
+    for among in dict.fromkeys(t["among"] for t in check["correlations"]):
+        cells = [
+            f"{t['score']} {'-' if t['tau'] is None else format(t['tau'], '+.2f')}"
+            for t in check["correlations"]
+            if t["among"] == among
+        ]
+        n = max(t["n"] for t in check["correlations"] if t["among"] == among)
+        lines.append(f"  {among} (n={n}): " + ", ".join(cells))
+    ratio = check["fine_tune_s"] / check["rank_s"] if check["rank_s"] else float("inf")
+    lines.append(
+        f"cost (wall): the ranking {check['rank_s']:.0f} s, the {len(rows)} fine-tunes {check['fine_tune_s']:.0f} s "
+        f"({ratio:.0f}x the ranking)"
+    )
+    return "\n".join(lines)
