@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import timm
@@ -12,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ray_nodes import free_port
 from tltrain.core.loop import train
 from tltrain.core.model import layer_groups
 from tltrain.spec.load import parse_spec
@@ -19,7 +19,7 @@ from tltrain.spec.load import parse_spec
 GLOBAL_BATCH = 16
 
 
-def _spec(grad_accum: int):
+def _spec(grad_accum: int, lora: bool = False):
     # test_vit has LayerNorm only (BatchNorm statistics would differ between batch sizes).
     return parse_spec(
         {
@@ -27,7 +27,7 @@ def _spec(grad_accum: int):
             "model": {"name": "test_vit"},
             "data": {"train": "unused", "val_fraction": 0.2},
             "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0},
-            "strategy": {"layer_decay": 0.8},
+            "strategy": {"layer_decay": 0.8, **({"lora": {"rank": 4, "alpha": 8}} if lora else {})},
             "loop": {"epochs": 1, "precision": "fp32", "grad_accum": grad_accum, "max_steps_per_epoch": 1},
             "tracking": {"enabled": False},
         }
@@ -39,19 +39,29 @@ def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)
 
 
-def _model() -> torch.nn.Module:
+def _model(lora: bool = False) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("test_vit", num_classes=4, img_size=32)
+    model = timm.create_model("test_vit", num_classes=4, img_size=32)
+    if lora:  # adapters on every Linear of the blocks; lora_A's init draws from the seeded RNG
+        from tltrain.core.lora import adapt_model
+
+        adapt_model(model, _spec(1, lora=True).strategy, coarse=True)
+        # lora_B starts at zero, so the first step would move B only: start from a trained-looking B.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.normal_(0, 0.02)
+    return model
 
 
 class Batches(list):
     pass
 
 
-def _run(model: torch.nn.Module, batches: list, grad_accum: int) -> dict[str, torch.Tensor]:
+def _run(model: torch.nn.Module, batches: list, grad_accum: int, lora: bool = False) -> dict[str, torch.Tensor]:
     val = Batches([_data(1)])
     train(
-        _spec(grad_accum),
+        _spec(grad_accum, lora),
         model,
         layer_groups(model),
         Batches(batches),
@@ -76,7 +86,7 @@ def test_grad_accumulation_matches_one_big_batch() -> None:
         torch.testing.assert_close(accumulated[k], big[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-def _ddp_worker(rank: int, world: int, port: int, grad_accum: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, grad_accum: int, out: str, lora: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -86,28 +96,29 @@ def _ddp_worker(rank: int, world: int, port: int, grad_accum: int, out: str) -> 
         xs, ys = x[rank * shard : (rank + 1) * shard], y[rank * shard : (rank + 1) * shard]
         micro = shard // grad_accum
         batches = [(xs[i : i + micro], ys[i : i + micro]) for i in range(0, shard, micro)]
-        state = _run(_model(), batches, grad_accum)
+        state = _run(_model(lora), batches, grad_accum, lora)
         if rank == 0:
             torch.save(state, out)
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_two_ddp_workers_match_one_worker_with_the_global_batch(tmp_path, grad_accum: int) -> None:
+@pytest.mark.parametrize("grad_accum,lora", [(1, False), (2, False), (2, True)])
+def test_two_ddp_workers_match_one_worker_with_the_global_batch(tmp_path, grad_accum: int, lora: bool) -> None:
     x, y = _data()
-    single = _run(_model(), [(x, y)], grad_accum=1)
+    single = _run(_model(lora), [(x, y)], grad_accum=1, lora=lora)
     out = str(tmp_path / "rank0.pt")
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), grad_accum, out), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _ddp_worker, args=(2, free_port(), grad_accum, out, lora), nprocs=2, join=True, start_method="spawn"
+    )
     distributed = torch.load(out, weights_only=True)
     for k in single:
         torch.testing.assert_close(distributed[k], single[k], rtol=1e-4, atol=1e-6, msg=k)
+    if lora:  # what moved: the adapters (A and B) and the head; every base weight as it started
+        start = _model(lora).state_dict()
+        moved = {k for k in single if not torch.equal(single[k], start[k])}
+        assert moved and all(".lora_" in k or k.startswith("head.") for k in moved), sorted(moved)
+        assert any(".lora_A." in k for k in moved) and any(".lora_B." in k for k in moved)
 
 
 def test_resuming_a_run_that_early_stopping_ended_trains_no_further() -> None:

@@ -73,17 +73,28 @@ def _set_epoch(loader: Any, epoch: int) -> None:
         target.set_epoch(epoch)
 
 
-def _build_ema(model: nn.Module, lp: Any, resume: Resume | None) -> Any:
+def _build_ema(model: nn.Module, lp: Any, resume: Resume | None, saved_keys: frozenset[str] | None) -> Any:
     """timm's ModelEmaV3 of the model at a constant decay (None when loop.ema_decay is off), its
-    weights restored from the checkpoint on resume."""
+    weights restored from the checkpoint on resume. saved_keys (LoRA): the checkpoint holds only
+    these; the rest of the copy is the frozen source weights the restored model already has."""
     if lp.ema_decay is None:
         return None
     from timm.utils import ModelEmaV3
 
     ema = ModelEmaV3(model, decay=lp.ema_decay)
     if resume is not None and resume.ema_state is not None:
-        ema.module.load_state_dict(resume.ema_state)
+        if saved_keys is not None and set(resume.ema_state) != saved_keys:
+            raise RuntimeError("the checkpoint's EMA twin holds other tensors than this LoRA model trains")
+        ema.module.load_state_dict(resume.ema_state, strict=saved_keys is None)
     return ema
+
+
+def _lora_saved_keys(spec: JobSpec, model: nn.Module) -> frozenset[str] | None:
+    if spec.strategy.lora is None:
+        return None
+    from tltrain.core.lora import adapter_state  # peft is imported only by LoRA runs
+
+    return frozenset(adapter_state(model))
 
 
 def _default_meta(spec: JobSpec, num_classes: int) -> CheckpointMeta:
@@ -141,8 +152,10 @@ def train(
     # torch.compile of a Module returns an OptimizedModule (a Module); its hint says only Callable.
     compiled = cast(nn.Module, torch.compile(model)) if lp.compile else model
     loss = build_loss(lp, class_weights, device)
+    saved_keys = _lora_saved_keys(spec, model)
     trainer = Trainer(model, compiled, optimizer, scheduler, scaler, device, lp, channels_last, loss,
-                      mixup=build_mixup(lp, num_classes), ema=_build_ema(model, lp, resume), live=live)  # fmt: skip
+                      mixup=build_mixup(lp, num_classes), ema=_build_ema(model, lp, resume, saved_keys), live=live,
+                      saved_keys=saved_keys)  # fmt: skip
     # Wall time between reports: training, evaluation, checkpoint save and the previous report's
     # upload (the cost of holding the workers; epoch_time_s is the training steps alone).
     since_report = started_at if started_at is not None else time.perf_counter()
@@ -151,7 +164,8 @@ def train(
     for epoch in range(state.epoch, lp.epochs):
         depth = resolve_freeze_depth(freeze_depth_at_epoch(spec.strategy, epoch), groups)
         if depth != current_depth:
-            apply_freeze(model, groups, depth)
+            if spec.strategy.lora is None:  # a LoRA model came frozen around its adapters (core/lora)
+                apply_freeze(model, groups, depth)
             trainer.ddp_model = wrap_ddp(compiled, device, world_size)
             current_depth = depth
         # A new seeded shuffle (the same on every rank) and this epoch's augmentation and model-noise

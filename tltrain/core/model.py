@@ -214,6 +214,12 @@ def load_source_weights(model: nn.Module, weights_file: Path, remap: bool) -> tu
     weights exported under other names (the packaged EfficientNet-Lite0 .pth).
     """
     source = _read_state_dict(weights_file)
+    if any(".lora_A." in k for k in source):
+        raise ModelError(
+            f"model.weights: {weights_file} is a LoRA checkpoint's file (adapters and head only, no backbone): "
+            "resume its run by name, or start from the merged weights its registered model version carries "
+            "(`mlflow artifacts download -u models:/NAME@ALIAS`: artifacts/model.safetensors)"
+        )
     target = model.state_dict()
     head = head_param_names(model)
     head_buffers = {n for n in target if any(n.startswith(h.rsplit(".", 1)[0] + ".") for h in head)}

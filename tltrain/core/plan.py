@@ -39,6 +39,9 @@ class TrainPlan:
     test: list[tuple[str, int]] = field(default_factory=list)
     test_root: str = ""
     class_weights: list[float] | None = None  # loop.class_weights resolved per label; None = all 1
+    total_params: int = 0  # the model's parameters (with adapters under LoRA)
+    trainable_params: int = 0  # of those, trained at the start (after freeze_depth, LoRA)
+    lora_modules: int = 0  # layers given adapters (strategy.lora); 0 = no LoRA
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

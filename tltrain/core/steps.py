@@ -176,6 +176,12 @@ class Trainer:
     mixup: Callable[..., Any] | None = None
     ema: Any = None  # timm ModelEmaV3 of `model`, updated after every optimizer step; None = off
     live: LiveSteps | None = None  # rank 0's in-epoch progress to the driver; None elsewhere
+    # strategy.lora: the state_dict entries a checkpoint keeps (adapters and head: what trains);
+    # None = the whole state_dict.
+    saved_keys: frozenset[str] | None = None
+
+    def saved(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return state if self.saved_keys is None else {k: state[k] for k in sorted(self.saved_keys)}
 
     def train_epoch(self, loader: Any, steps: int, state: LoopState) -> dict[str, float]:
         """`steps` optimizer steps of grad_accum micro-batches; returns this rank's sums."""
@@ -364,13 +370,13 @@ def save_and_report(
             "scheduler": trainer.scheduler.state_dict(),
             "scaler": trainer.scaler.state_dict(),
         }
-        raw = trainer.model.state_dict()
+        raw = trainer.saved(trainer.model.state_dict())
         if trainer.ema is None:
             save_checkpoint(ckpt_dir, raw, train_state, meta)
         else:
             # model.safetensors holds the exported twin (what registry, serving and --set model.weights
             # read); the other twin goes beside it, so a resume restores both.
-            ema = trainer.ema.module.state_dict()
+            ema = trainer.saved(trainer.ema.module.state_dict())
             exported, twin = (ema, (Twin.RAW, raw)) if meta.exported_weights == Twin.EMA else (raw, (Twin.EMA, ema))
             save_checkpoint(ckpt_dir, exported, train_state, meta, twin=twin)
         report(metrics, ckpt_dir)

@@ -64,6 +64,14 @@ def _score(spec_dict: dict[str, Any], plan_dict: dict[str, Any], checkpoint_uri:
         if (Path(directory) / TWIN_FILE.format(other)).is_file():
             state = load_model_state(directory, checkpoint_uri, TWIN_FILE.format(other))
             twins.append((twin_split(Split.TEST, other), state))
+    if trained.strategy.lora is not None:  # the checkpoint holds adapters + head: made whole on the source
+        from tltrain.core.lora import rebuild_merged
+
+        source = storage.fetch_weights(meta.source_weights_uri, spec.data.cache_dir)
+        merged = rebuild_merged(
+            trained, len(meta.class_names), source, meta.source_weights_sha256, [s for _, s in twins]
+        )
+        twins = [(split, state) for (split, _), state in zip(twins, merged)]
     out: dict[str, Any] = {}
     views = None if spec.data.tta == "none" else (lambda x: tta_views(x, spec.data.tta))
     for split, state in twins:

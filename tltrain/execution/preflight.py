@@ -10,6 +10,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from tltrain import storage
 from tltrain.core.checkpoint import (
     CHECKPOINT_PREFIX,
@@ -20,6 +23,7 @@ from tltrain.core.checkpoint import (
     load_meta,
     sha256_file,
 )
+from tltrain.core.optim import apply_freeze, resolve_freeze_depth
 from tltrain.core.plan import TrainPlan, check_forward, check_metrics, probe_model, resolve_class_weights
 from tltrain.data import DataError, DatasetPlan, plan_dataset, resolve_data_config
 from tltrain.spec.bounds import check_spec_batch
@@ -117,8 +121,12 @@ def build_plan(spec: JobSpec) -> TrainPlan:
     weights_sha = sha256_file(local_weights) if local_weights is not None else None
     probe, groups = probe_model(spec, len(dataset.class_names), local_weights)
     data_config = resolve_data_config(probe, spec.data.image_size, model_name=spec.model.name)
+    params = dict(probe.named_parameters())  # before adapters: the groups' sizes are the model's
+    group_params = [sum(params[n].numel() for n in g.param_names) for g in groups]
+    lora_modules = _check_lora(spec, probe, weights_sha, int(data_config["input_size"][-1]))
     check_forward(spec, probe, int(data_config["input_size"][-1]))
-    params = dict(probe.named_parameters())
+    if not lora_modules:
+        apply_freeze(probe, groups, resolve_freeze_depth(spec.strategy.freeze_depth, groups))
     return TrainPlan(
         class_names=dataset.class_names,
         train=[(p, y) for p, y in dataset.train],
@@ -128,7 +136,7 @@ def build_plan(spec: JobSpec) -> TrainPlan:
         data_config=data_config,
         num_layer_groups=len(groups) - 1,
         layer_group_names=[g.name for g in groups],
-        layer_group_params=[sum(params[n].numel() for n in g.param_names) for g in groups],
+        layer_group_params=group_params,
         weights_uri=spec.model.weights,
         weights_sha256=weights_sha,
         fingerprint=dataset.fingerprint,
@@ -136,4 +144,44 @@ def build_plan(spec: JobSpec) -> TrainPlan:
         test=[(p, y) for p, y in dataset.test],
         test_root=dataset.test_root,
         class_weights=class_weights,
+        total_params=sum(p.numel() for p in probe.parameters()),
+        trainable_params=sum(p.numel() for p in probe.parameters() if p.requires_grad),
+        lora_modules=lora_modules,
     )
+
+
+def _check_lora(spec: JobSpec, probe: nn.Module, weights_sha: str | None, image_size: int) -> int:
+    """strategy.lora on the driver's probe model: the targets must match adaptable layers above the
+    freeze depth that the forward really calls; a resumed LoRA run must sit on the same source
+    weights and LoRA settings. Adapts `probe` in place; returns how many layers got adapters."""
+    lora = spec.strategy.lora
+    if lora is None:
+        return 0
+    if spec.model.weights is None:
+        raise SpecError(
+            "strategy.lora: adapters learn a change to pretrained weights, and model.weights is null (random init); "
+            "set model.weights, or drop strategy.lora for training from scratch"
+        )
+    from tltrain.core.lora import LoraError, adapt_model, adapted_layers, check_adapters_used
+
+    try:
+        adapt_model(probe, spec.strategy, spec.strategy.group_granularity == "coarse")
+        check_adapters_used(probe, torch.randn(1, 3, image_size, image_size))
+    except LoraError as err:
+        raise SpecError(str(err)) from None
+    found = _latest_checkpoint_meta(spec)
+    if found is not None:
+        uri, meta = found
+        before = (meta.spec.get("strategy") or {}).get("lora")
+        if before != lora.model_dump():
+            raise SpecError(
+                f"strategy.lora: {spec.name} exists in storage with strategy.lora {before}; its checkpoints fit only "
+                f"those settings. Keep them to resume, or start a new run: --set name={spec.name}-v2"
+            )
+        if meta.source_weights_sha256 != weights_sha:
+            raise SpecError(
+                f"model.weights: {spec.name}'s LoRA checkpoints ({uri}) hold adapters on weights with sha256 "
+                f"{meta.source_weights_sha256}, and {spec.model.weights} now hashes to {weights_sha}; restore that "
+                f"file to resume, or start a new run: --set name={spec.name}-v2"
+            )
+    return len(adapted_layers(probe))

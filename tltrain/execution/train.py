@@ -65,7 +65,7 @@ def _train(
         if result.error is not None:
             tracker.end("FAILED")
             raise result.error
-        summary = _summary(spec, result, history)
+        summary = _summary(spec, plan, result, history)
         summary["mlflow_run_id"] = tracker.run_id
         if result.best_checkpoint_uri and test_split_of(spec):
             # After every choice is made (epoch, EMA twin): the held-out split is only reported.
@@ -104,7 +104,7 @@ def _open_tracker(spec: JobSpec, parent_run_id: str | None = None) -> Any:
     return open_tracker(spec, run_name=spec.name, parent_run_id=parent_run_id)
 
 
-def _summary(spec: JobSpec, result: Any, history: list[dict[str, Any]]) -> dict[str, Any]:
+def _summary(spec: JobSpec, plan: TrainPlan, result: Any, history: list[dict[str, Any]]) -> dict[str, Any]:
     last = history[-1] if history else (result.latest_metrics or {})
     best = result.best_metrics or {}
     return {
@@ -119,4 +119,14 @@ def _summary(spec: JobSpec, result: Any, history: list[dict[str, Any]]) -> dict[
         IMG_PER_S: (sum(h[IMG_PER_S] for h in history) / len(history)) if history else None,
         "worker_s": worker_seconds(history, spec.scaling.num_workers),
         "storage_uri": run_folder(spec),
+        "trainable_params": plan.trainable_params,
+        "total_params": plan.total_params,
+        "checkpoint_mb": _checkpoint_mb(result.best_checkpoint_uri),
     }
+
+
+def _checkpoint_mb(uri: str | None) -> float | None:
+    """The best checkpoint's size in storage (weights, optimizer state, meta): LoRA's saving."""
+    if not uri:
+        return None
+    return round(sum(storage.file_sizes(uri, retry_s=storage.OUTAGE_RETRY_S).values()) / 1e6, 3)

@@ -86,7 +86,12 @@ def _restore(model: torch.nn.Module, spec: JobSpec, rank: int) -> tuple[Resume |
                 continue
             # A shape mismatch here is not damage but a changed spec under the same name: it
             # propagates (an older checkpoint of the run would not fit either).
-            model.load_state_dict(model_state)
+            if spec.strategy.lora is not None:
+                from tltrain.core.lora import load_adapter_state
+
+                load_adapter_state(model, model_state)
+            else:
+                model.load_state_dict(model_state)
         if rank == 0:
             log.warning(
                 "resuming %s from %s (epoch %s, global_step %s)",
@@ -171,12 +176,20 @@ def worker_fn(config: dict[str, Any]) -> None:
     device = worker_device()
     torch.manual_seed(spec.loop.seed)
 
-    resuming = ray.train.get_checkpoint() is not None
-    # A restored run gets its weights from the checkpoint; the source file would be overwritten.
-    weights_file = None if resuming else storage.fetch_weights(spec.model.weights, spec.data.cache_dir)
-    model_spec = spec.model.model_copy(update={"weights": None}) if resuming else spec.model
+    # A restored run gets its weights from the checkpoint, so the source file is not needed,
+    # except under LoRA: its checkpoints hold the adapters and head only, on the source weights
+    # (the driver checked they are the ones the checkpoint was trained on).
+    needs_source = ray.train.get_checkpoint() is None or spec.strategy.lora is not None
+    weights_file = storage.fetch_weights(spec.model.weights, spec.data.cache_dir) if needs_source else None
+    model_spec = spec.model if needs_source else spec.model.model_copy(update={"weights": None})
     model = build_model(model_spec, len(plan.class_names), weights_file=weights_file, image_size=spec.data.image_size)
-    groups = layer_groups(model, coarse=spec.strategy.group_granularity == "coarse")
+    coarse = spec.strategy.group_granularity == "coarse"
+    if spec.strategy.lora is not None:
+        from tltrain.core.lora import adapt_model  # peft is imported only by LoRA runs
+
+        groups = adapt_model(model, spec.strategy, coarse)
+    else:
+        groups = layer_groups(model, coarse=coarse)
     resume, rejected = _restore(model, spec, rank)
     model.to(device)
     train_loader, val_loader = _build_loaders(spec, plan, rank, world_size, device)

@@ -147,6 +147,15 @@ def describe_plan(spec: JobSpec, plan: TrainPlan, out: TextIO) -> None:
         file=out,
         flush=True,
     )
+    if spec.strategy.lora is not None:
+        lora = spec.strategy.lora
+        print(
+            f"LoRA rank {lora.rank} (alpha {lora.alpha:g}) on {plan.lora_modules} layers: {plan.trainable_params:,} of "
+            f"{plan.total_params:,} parameters trained ({100 * plan.trainable_params / max(plan.total_params, 1):.2f} %, "
+            "adapters + head); checkpoints hold only those",
+            file=out,
+            flush=True,
+        )
     if plan.skipped:
         print(
             f"warning: {len(plan.skipped)} file(s) skipped (data.on_bad_image=skip or not images), "
@@ -164,7 +173,8 @@ def print_summary(summary: dict[str, Any], out: TextIO) -> None:
         else f"done: {summary['run_name']}",
         file=out,
     )
-    print(f"best checkpoint: {summary['best_checkpoint']}", file=out, flush=True)
+    size = summary.get("checkpoint_mb")
+    print(f"best checkpoint: {summary['best_checkpoint']}{f' ({size:.1f} MB)' if size else ''}", file=out, flush=True)
     test = summary.get("test_metrics")
     if test:
         shown = "  ".join(f"{k} {v:.4f}" for k, v in test.items() if not k.endswith("/count"))

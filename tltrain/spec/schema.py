@@ -178,6 +178,24 @@ class DataSpec(_Section):
         return self
 
 
+class LoraSpec(_Section):
+    rank: int = Field(default=8, ge=1, le=256, description="LoRA rank r: adapter A is r x in, B is out x r")
+    alpha: float = Field(default=16.0, gt=0.0, description="LoRA scaling: the update is (alpha / rank) * B @ A")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input")
+    targets: Literal["auto"] | list[str] = Field(
+        default="auto",
+        description='modules to adapt: "auto" = every nn.Linear (ViT qkv/proj/fc1/fc2) and 1x1 nn.Conv2d (a CNN\'s '
+        'pointwise convolutions) above freeze_depth; or fnmatch patterns over full module names ("*.qkv")',
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _some_targets(cls, v: Literal["auto"] | list[str]) -> Literal["auto"] | list[str]:
+        if isinstance(v, list) and not v:
+            raise ValueError('list at least one module-name pattern (e.g. "*.qkv"), or use "auto"')
+        return v
+
+
 class StrategySpec(_Section):
     freeze_depth: FreezeDepth = Field(
         default=0,
@@ -193,6 +211,20 @@ class StrategySpec(_Section):
     unfreeze: dict[int, FreezeDepth] = Field(
         default_factory=dict, description="progressive unfreezing: {epoch: freeze_depth from that epoch on}"
     )
+    lora: LoraSpec | None = Field(
+        default=None,
+        description="parameter-efficient fine-tuning: LoRA adapters (peft) on the groups above freeze_depth, "
+        "their base weights frozen, the head trained fully; checkpoints hold only what was trained",
+    )
+
+    @model_validator(mode="after")
+    def _lora_fixed_depth(self) -> StrategySpec:
+        if self.lora is not None and self.unfreeze:
+            raise ValueError(
+                "strategy.unfreeze with strategy.lora: adapters sit on the groups above freeze_depth, fixed for the "
+                "run; drop strategy.unfreeze (or strategy.lora)"
+            )
+        return self
 
     @field_validator("freeze_depth")
     @classmethod

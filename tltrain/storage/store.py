@@ -237,6 +237,11 @@ def _sizes(uri: str) -> dict[str, int]:
     return _local_files(root) if root.is_dir() else {}
 
 
+def file_sizes(uri: str, *, retry_s: float = 0.0) -> dict[str, int]:
+    """{key relative to uri: bytes} of every file under a prefix or folder (retried as list_files)."""
+    return with_retries(lambda: _sizes(uri), f"list {uri}", retry_s)
+
+
 def list_files(uri: str, *, retry_s: float = 0.0) -> list[str]:
     """Keys (relative to uri, '/'-separated, sorted) of every file under a prefix or folder.
     `retry_s` > 0 retries the listing through storage outages (see with_retries)."""

@@ -41,6 +41,7 @@ from tltrain.core.checkpoint import (
     CheckpointMeta,
     checkpoint_sha256,
     load_meta,
+    load_model_state,
     verify_checkpoint,
 )
 from tltrain.tracking.tracker import (
@@ -142,6 +143,24 @@ def _manifest_sha(checkpoint_uri: str, tmp: Path) -> str:
     return checkpoint_sha256(tmp)
 
 
+def _merged_lora_weights(local: Path, meta: CheckpointMeta, out_dir: Path) -> Path:
+    """A LoRA checkpoint's exported weights folded into its source weights (fetched and checked
+    against the checkpoint's sha256), as a plain model.safetensors the pyfunc loads with timm."""
+    from safetensors.torch import save_file
+
+    from tltrain.core.lora import rebuild_merged
+    from tltrain.spec.schema import JobSpec
+
+    spec = JobSpec.model_validate(meta.spec)
+    source = storage.fetch_weights(meta.source_weights_uri, spec.data.cache_dir)
+    (merged,) = rebuild_merged(
+        spec, len(meta.class_names), source, meta.source_weights_sha256, [load_model_state(local)]
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in merged.items()}, str(out_dir / MODEL_FILE))
+    return out_dir / MODEL_FILE
+
+
 def register_checkpoint(
     checkpoint_uri: str,
     registry_name: str,
@@ -178,7 +197,14 @@ def register_checkpoint(
         meta_path = tmp / META_FILE
         meta_path.write_text(json.dumps(clean_meta, indent=2, sort_keys=True))
 
+        weights_file = local / MODEL_FILE
+        lora = (meta.spec.get("strategy") or {}).get("lora")
+        if lora:  # adapters + head only: the package gets merged full weights (no peft downstream)
+            weights_file = _merged_lora_weights(local, meta, tmp / "merged")
+
         version_tags: dict[str, Any] = lineage_tags(meta)
+        if lora:
+            version_tags["lora"] = json.dumps(lora, sort_keys=True)
         own_run = run_id is None
         if run_id is None:
             exp_name = experiment or (meta.spec.get("tracking") or {}).get("experiment") or DEFAULT_EXPERIMENT
@@ -216,7 +242,7 @@ def register_checkpoint(
                     run_id=run_id,
                     model_id=logged.model_id,
                     python_model=str(PYFUNC_FILE),
-                    artifacts={"weights": str(local / MODEL_FILE), "meta": str(meta_path)},
+                    artifacts={"weights": str(weights_file), "meta": str(meta_path)},
                     signature=_signature(meta.class_names),
                     input_example=_input_example(),
                     model_config=_model_config(meta),
