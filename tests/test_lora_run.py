@@ -161,3 +161,17 @@ def test_bad_lora_settings_are_refused_before_ray_naming_the_field(
         build_plan(parse_spec(tree | {"tracking": {"enabled": False}}))
     plan = _plan(tmp_path, fashion_folders, freeze_depth=2)
     assert plan.lora_modules > 0 and 0 < plan.trainable_params < plan.total_params
+
+
+def test_a_sweep_over_lora_and_freeze_depth_is_checked_at_its_deepest_trial_before_ray(
+    tmp_path: Path, fashion_folders: tuple[str, str]
+) -> None:
+    from tltrain.execution.tune import run_tune
+
+    train, val = fashion_folders
+    tree = _tree(tmp_path, train, val, "lora-sweep", epochs=1)
+    tree["tracking"] = {"enabled": False}
+    tree["tune"] = {"num_samples": 2, "space": {"strategy.lora.rank": {"choice": [2, 8]},
+                                                "strategy.freeze_depth": {"choice": [0, "all"]}}}  # fmt: skip
+    with pytest.raises(SpecError, match=r"tune.space: the trial .*'all'.* strategy.lora.targets: 'auto' found no"):
+        run_tune(parse_spec(tree))

@@ -363,6 +363,23 @@ def _tuner(
     )
 
 
+def _check_lora_trials(spec: JobSpec, space: dict[str, Dist]) -> None:
+    """With LoRA in the sweep (the spec's strategy.lora, or a searched strategy.lora.* key), build
+    the trial whose adapters have the least room (the deepest searched freeze depth) through the
+    preflight: targets that match nothing there fail here, naming the field, not in a worker."""
+    lora_keys = [k for k in space if k.startswith("strategy.lora.")]
+    if spec.strategy.lora is None and not lora_keys:
+        return
+    config: dict[str, Any] = {k: space[k].candidates()[0] for k in lora_keys}
+    if "strategy.freeze_depth" in space:
+        depths = space["strategy.freeze_depth"].candidates()
+        config["strategy.freeze_depth"] = "all" if "all" in depths else max(int(d) for d in depths)
+    try:
+        build_plan(apply_config(spec, config))
+    except SpecError as err:
+        raise SpecError(f"tune.space: the trial {config} would fail: {err}") from None
+
+
 def run_tune(
     spec: JobSpec, resume: bool = False, out: TextIO | None = None, *, force_unlock: bool = False
 ) -> dict[str, Any]:
@@ -381,6 +398,7 @@ def run_tune(
         )
 
     space = checked_space(spec)
+    _check_lora_trials(spec, space)
     # tune.prescreen: the source-model choices ranked by a transferability score first (forward
     # passes only), and the space cut to the best `keep` of them before any trial is sampled.
     spec, screened = prescreen(spec, out)
