@@ -323,10 +323,11 @@ def test_the_check_correlates_within_the_pretrained_candidates_too() -> None:
     assert taus[("pretrained only", "logme")] == (1.0, 2)
     for row, ft_s in zip(rows, (10.0, 20.0, 30.0)):
         row["fine_tune_s"] = ft_s
-    check = {"metric": "test/acc", "correlations": correlations(rows, ["logme"], depths=False), "rank_s": 6.0,
-             "fine_tune_s": 60.0}  # fmt: skip
-    table = format_check_table(rows, ["logme"], check)
-    assert "all candidates (n=3): logme +1.00" in table and "pretrained only (n=2): logme +1.00" in table
+    check = {"metric": "test/acc", "correlations": correlations(rows, ["logme", "leep"], depths=False),
+             "rank_s": 6.0, "fine_tune_s": 60.0}  # fmt: skip
+    table = format_check_table(rows, ["logme", "leep"], check)
+    assert "all candidates (n=3): logme +1.00, leep -1.00 (n=2)" in table
+    assert "pretrained only (n=2): logme +1.00, leep -1.00" in table
     assert "the 3 fine-tunes 60 s (10x the ranking)" in table
 
 

@@ -53,12 +53,14 @@ def format_check_table(
              for r in [header, *body]]  # fmt: skip
     lines.append(f"Kendall tau-b of each score with {metric} (1 = same order, -1 = reversed):")
     for among in dict.fromkeys(t["among"] for t in check["correlations"]):
+        taus = [t for t in check["correlations"] if t["among"] == among]
+        n = max(t["n"] for t in taus)
+        # A score some rows lack (LEEP/NCE without a source head) is correlated over fewer: say so.
         cells = [
             f"{t['score']} {'-' if t['tau'] is None else format(t['tau'], '+.2f')}"
-            for t in check["correlations"]
-            if t["among"] == among
+            + (f" (n={t['n']})" if t["n"] != n else "")
+            for t in taus
         ]
-        n = max(t["n"] for t in check["correlations"] if t["among"] == among)
         lines.append(f"  {among} (n={n}): " + ", ".join(cells))
     ratio = check["fine_tune_s"] / check["rank_s"] if check["rank_s"] else float("inf")
     lines.append(
