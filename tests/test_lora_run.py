@@ -175,3 +175,34 @@ def test_a_sweep_over_lora_and_freeze_depth_is_checked_at_its_deepest_trial_befo
                                                 "strategy.freeze_depth": {"choice": [0, "all"]}}}  # fmt: skip
     with pytest.raises(SpecError, match=r"tune.space: the trial .*'all'.* strategy.lora.targets: 'auto' found no"):
         run_tune(parse_spec(tree))
+
+
+def test_lora_with_ema_saves_both_twins_as_the_trained_subset() -> None:
+    """In-process loop (no Ray): with loop.ema_decay the checkpoint's two weight files each hold the
+    adapters and head only, and the EMA twin really averages (differs from the raw weights)."""
+    from tltrain.core.checkpoint import TWIN_FILE
+    from tltrain.core.loop import train
+    from tltrain.core.lora import adapt_model
+
+    spec = parse_spec({
+        "name": "t", "model": {"name": MODEL}, "data": {"train": "unused", "val_fraction": 0.2},
+        "strategy": {"lora": {"rank": 4}}, "optim": {"lr": 1e-2},
+        "loop": {"epochs": 1, "precision": "fp32", "max_steps_per_epoch": 3, "ema_decay": 0.5},
+        "tracking": {"enabled": False},
+    })  # fmt: skip
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, num_classes=4, img_size=SIZE)
+    groups = adapt_model(model, spec.strategy, coarse=True)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 3, SIZE, SIZE, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
+    files: dict[str, dict[str, torch.Tensor]] = {}
+
+    def report(metrics: dict[str, Any], ckpt_dir: str | None) -> None:
+        assert ckpt_dir is not None
+        files.update({p.name: load_file(str(p)) for p in Path(ckpt_dir).glob("*.safetensors")})
+
+    train(spec, model, groups, batches, batches[:1], device=torch.device("cpu"), num_classes=4, report=report)
+    exported, twin = files[MODEL_FILE], files[next(n for n in files if n != MODEL_FILE)]
+    assert set(files) == {MODEL_FILE, TWIN_FILE.format("ema")} or set(files) == {MODEL_FILE, TWIN_FILE.format("raw")}
+    assert exported.keys() == twin.keys() and all(".lora_" in k or k.startswith("head.") for k in exported)
+    assert any(not torch.equal(exported[k], twin[k]) for k in exported)

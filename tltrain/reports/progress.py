@@ -196,8 +196,15 @@ def describe_groups(spec: JobSpec, plan: TrainPlan, out: TextIO) -> None:
     print(f"layer groups of {spec.model.name} ({spec.strategy.group_granularity}), freeze_depth {start}:", file=out)
     for i, (name, params) in enumerate(zip(plan.layer_group_names, plan.layer_group_params)):
         is_head = i == len(plan.layer_group_names) - 1
-        state = "trained (new head)" if is_head else "frozen" if i < start else "trained"
+        trained = "LoRA adapters (base frozen)" if spec.strategy.lora is not None else "trained"
+        state = "trained (new head)" if is_head else "frozen" if i < start else trained
         later = [e for e, d in spec.strategy.unfreeze.items() if not is_head and (i < depth(d)) != (i < start)]
         if later:
             state += f" ({'frozen' if state == 'trained' else 'unfrozen'} from epoch {later[0]})"
         print(f"  {i:>3}  {name:<40} {params:>12,} params  {state}", file=out)
+    if spec.strategy.lora is not None:
+        print(
+            f"LoRA: {plan.lora_modules} layers adapted; {plan.trainable_params:,} of {plan.total_params:,} "
+            "parameters trained (adapters + head)",
+            file=out,
+        )
