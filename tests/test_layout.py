@@ -108,6 +108,17 @@ def test_importing_core_data_and_reports_loads_no_client() -> None:
     assert out.strip() == "[]"
 
 
+def test_only_lora_runs_import_peft() -> None:
+    """peft (and the transformers it pulls in, seconds of import) is loaded by LoRA code paths only."""
+    code = (
+        "import sys, tltrain.cli, tltrain.core.loop, tltrain.execution.worker, tltrain.execution.preflight, "
+        "tltrain.execution.evaluate, tltrain.tracking.registry; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'peft', 'transformers'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_metric_names_are_written_only_in_spec_metrics() -> None:
     names = {v for k, v in vars(metrics).items() if k.isupper() and isinstance(v, str)}
     assert {"val/acc", "train/loss", "img_per_s"} <= names  # the constants the rest of the code imports

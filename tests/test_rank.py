@@ -324,7 +324,7 @@ def test_the_check_correlates_within_the_pretrained_candidates_too() -> None:
     for row, ft_s in zip(rows, (10.0, 20.0, 30.0)):
         row["fine_tune_s"] = ft_s
     check = {"metric": "test/acc", "correlations": correlations(rows, ["logme", "leep"], depths=False),
-             "rank_s": 6.0, "fine_tune_s": 60.0}  # fmt: skip
+             "rank_s": 6.0, "fine_tune_s": 60.0, "fine_tunes": 3, "reused": 0}  # fmt: skip
     table = format_check_table(rows, ["logme", "leep"], check)
     assert "all candidates (n=3): logme +1.00, leep -1.00 (n=2)" in table
     assert "pretrained only (n=2): logme +1.00, leep -1.00" in table
@@ -367,8 +367,24 @@ def test_fine_tune_check_trains_every_candidate_and_correlates_its_test_accuracy
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    by_name = {c.data.tags["mlflow.runName"]: c.data.metrics for c in children}
+    by_name = {c.data.tags["mlflow.runName"].rsplit("-", 1)[0]: c.data.metrics for c in children}
     assert {f"rank-test-ft-{r['candidate']}": r["fine_tuned"] for r in rows} == {
         name: metrics["test/acc"] for name, metrics in by_name.items()
     }
+    assert not any(r["reused"] for r in rows) and check["fine_tunes"] == 3
     assert client.search_registered_models() == []
+
+
+def test_fine_tune_check_refusals_before_ray(tmp_path: Path, fashion_folders: tuple[str, str], no_ray: None) -> None:
+    train, val = fashion_folders
+    tree = _spec(
+        tmp_path, train, val, [{"name": "test_resnet", "label": "a b"}, {"name": "test_resnet", "label": "a/b"}]
+    )
+    tree["data"]["image_size"] = 32
+    tree["tracking"] = {"enabled": False}
+    with pytest.raises(SpecError, match="two labels give the same fine-tune run name"):
+        rank_mod.run_rank(parse_spec(tree), fine_tune=True)
+    tree["rank"]["candidates"] = [{"name": "test_resnet", "label": "a"}]
+    tree["storage"] = {"metric": "val/loss", "mode": "min"}
+    with pytest.raises(SpecError, match="--fine-tune: correlates the scores with an accuracy"):
+        rank_mod.run_rank(parse_spec(tree), fine_tune=True)

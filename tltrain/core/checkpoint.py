@@ -80,6 +80,12 @@ class CheckpointMeta:
     exported_weights: str = Twin.RAW  # which twin model.safetensors holds: "raw", or "ema" (loop.ema_decay)
     loop_state: LoopState = field(default_factory=LoopState)
 
+    @property
+    def lora(self) -> dict[str, Any] | None:
+        """The run's strategy.lora when its checkpoints are LoRA's (model.safetensors then holds the
+        trained tensors only, to be put on the source weights); None for full-weight checkpoints."""
+        return (self.spec.get("strategy") or {}).get("lora")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -292,13 +292,6 @@ def adapt_model(model: nn.Module, strategy: StrategySpec, coarse: bool) -> list[
     return layer_groups(model, coarse=coarse)
 
 
-def trained_subset(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """The entries of `state` (the model's or its EMA twin's state_dict) that a LoRA checkpoint
-    keeps: those adapter_state(model) names. The EMA twin has no requires_grad of its own, so the
-    names always come from the trained model."""
-    return {k: state[k] for k in adapter_state(model)}
-
-
 def rebuild_merged(
     spec: JobSpec,
     num_classes: int,
@@ -310,6 +303,11 @@ def rebuild_merged(
     rebuilt as the run built it (spec: the checkpoint's), each trained subset loaded, the adapters
     merged. weights_file: the source weights, which must hash to the checkpoint's
     source_weights_sha256 (adapters trained on other weights would be meaningless on these)."""
+    if weights_file is not None and not Path(weights_file).is_file():
+        raise LoraError(
+            f"model.weights {spec.model.weights}: not found here, and this LoRA checkpoint holds only the change to "
+            "those weights; run where the file is, or copy it to that path (or put it in object storage)"
+        )
     if weights_file is not None and expected_sha256 is not None and sha256_file(weights_file) != expected_sha256:
         raise LoraError(
             f"model.weights {spec.model.weights}: the file's sha256 differs from the one this LoRA checkpoint was "

@@ -64,7 +64,7 @@ def _score(spec_dict: dict[str, Any], plan_dict: dict[str, Any], checkpoint_uri:
         if (Path(directory) / TWIN_FILE.format(other)).is_file():
             state = load_model_state(directory, checkpoint_uri, TWIN_FILE.format(other))
             twins.append((twin_split(Split.TEST, other), state))
-    if trained.strategy.lora is not None:  # the checkpoint holds adapters + head: made whole on the source
+    if meta.lora:  # the checkpoint holds adapters + head: made whole on the source weights
         from tltrain.core.lora import rebuild_merged
 
         source = storage.fetch_weights(meta.source_weights_uri, spec.data.cache_dir)

@@ -210,7 +210,6 @@ def run_rank(spec: JobSpec, *, depths: bool = False, fine_tune: bool = False, ec
     """The whole command; returns the --json summary (rows best first). fine_tune: then train
     every row with the spec's settings and correlate the scores with what they reached
     (execution/rank_check)."""
-    started = time.monotonic()
     rank = rank_settings(spec)
     dataset = scan_dataset(spec)
     num_classes = len(dataset.class_names)
@@ -220,7 +219,8 @@ def run_rank(spec: JobSpec, *, depths: bool = False, fine_tune: bool = False, ec
     if fine_tune:
         from tltrain.execution.rank_check import check_fine_tunes
 
-        check_fine_tunes(spec, [c.candidate for c in checked], depths)
+        check_fine_tunes(spec, [c.candidate for c in checked], depths, num_classes)
+    started = time.monotonic()  # the ranking's cost: Ray, features, scores (not the checks above)
     ensure_ray(spec.scaling.address)
     task = ray.remote(num_cpus=spec.scaling.cpus_per_worker, num_gpus=1 if spec.scaling.use_gpu else 0)(_score_task)
     futures = []
@@ -260,7 +260,7 @@ def run_rank(spec: JobSpec, *, depths: bool = False, fine_tune: bool = False, ec
             print(f"{only['candidate']}: scores of each freeze depth's input, best first by {sort_by}")
             print(format_rank_table(ordered, shown, key="depth"))
         run_id = _track(spec, ordered, "depth", f"{spec.name}-rank-depths")
-        check = _fine_tune(spec, ordered, shown, True, "depth", started) if fine_tune else None
+        check = _fine_tune(spec, ordered, shown, "depth", started, checked[0].candidate) if fine_tune else None
         return {"name": spec.name, "candidate": only["candidate"], "scores": only["scores"], "sort_by": sort_by,
                 "images": len(sample), "depths": json.loads(json.dumps(ordered, default=float)),
                 "best_freeze_depth": ordered[0]["freeze_depth"], "mlflow_run_id": run_id, "fine_tune": check}  # fmt: skip
@@ -272,7 +272,7 @@ def run_rank(spec: JobSpec, *, depths: bool = False, fine_tune: bool = False, ec
               f"best first by {rank.sort_by}")  # fmt: skip
         print(format_rank_table(ordered, list(rank.scores)))
     run_id = _track(spec, ordered, "candidate", f"{spec.name}-rank")
-    check = _fine_tune(spec, ordered, list(rank.scores), False, "candidate", started) if fine_tune else None
+    check = _fine_tune(spec, ordered, list(rank.scores), "candidate", started) if fine_tune else None
     return {
         "name": spec.name,
         "sort_by": rank.sort_by,
@@ -285,11 +285,18 @@ def run_rank(spec: JobSpec, *, depths: bool = False, fine_tune: bool = False, ec
 
 
 def _fine_tune(
-    spec: JobSpec, rows: list[dict[str, Any]], scores: Sequence[str], depths: bool, key: str, started: float
+    spec: JobSpec,
+    rows: list[dict[str, Any]],
+    scores: Sequence[str],
+    key: str,
+    started: float,
+    candidate: RankCandidate | None = None,
 ) -> dict[str, Any]:
+    """--fine-tune: every row trained and correlated (execution/rank_check); candidate: --depths' model."""
     from tltrain.execution.rank_check import fine_tune_rows
 
-    return fine_tune_rows(spec, rows, scores, depths=depths, key=key, rank_wall_s=time.monotonic() - started)
+    return fine_tune_rows(spec, rows, scores, depths=candidate is not None, key=key,
+                          rank_wall_s=time.monotonic() - started, candidate=candidate)  # fmt: skip
 
 
 # The searched keys a prescreen ranks: which source model a trial starts from.

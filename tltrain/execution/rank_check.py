@@ -12,59 +12,84 @@ fine-tunes' seconds is what a prescreen saves per pruned candidate.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import re
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from tltrain.core.plan import count_layer_groups
 from tltrain.core.transferability import kendall_tau
 from tltrain.execution.evaluate import test_split_of
 from tltrain.execution.preflight import build_plan
 from tltrain.reports.rank import format_check_table
 from tltrain.spec.load import parse_spec
 from tltrain.spec.metrics import TEST_ACC
-from tltrain.spec.schema import JobSpec, RankCandidate
+from tltrain.spec.schema import JobSpec, RankCandidate, SpecError
 
 
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-")
 
 
-def row_spec(spec: JobSpec, *, candidate: RankCandidate | None = None, freeze_depth: int | None = None) -> JobSpec:
-    """The spec one row is fine-tuned with: the spec's own training settings, the candidate's model
-    (or the freeze depth, progressive unfreezing off so the depth holds), no registration."""
+def row_spec(spec: JobSpec, candidate: RankCandidate, freeze_depth: int | None = None) -> JobSpec:
+    """The spec one row is fine-tuned with: the spec's own training settings on the candidate's
+    model (with --depths, at that freeze depth, progressive unfreezing off so the depth holds), no
+    registration. The run name ends in a hash of those settings: re-running the check with the
+    same settings reuses a finished fine-tune, with changed ones trains a new one."""
     tree = spec.to_dict()
     tree.pop("tune", None)
+    tree.pop("rank", None)
     tree["tracking"]["registry_name"] = None
-    if candidate is not None:
-        tree["name"] = f"{spec.name}-ft-{_slug(candidate.title())}"
-        tree["model"].update(name=candidate.name, weights=candidate.weights, weights_remap=candidate.weights_remap)
-    else:
-        tree["name"] = f"{spec.name}-ft-depth{freeze_depth}"
+    tree["model"].update(name=candidate.name, weights=candidate.weights, weights_remap=candidate.weights_remap)
+    if freeze_depth is not None:
         tree["strategy"]["freeze_depth"] = freeze_depth
         tree["strategy"]["unfreeze"] = {}
+    settings = hashlib.sha256(json.dumps({**tree, "name": None}, sort_keys=True, default=str).encode()).hexdigest()
+    row = f"depth{freeze_depth}" if freeze_depth is not None else _slug(candidate.title())
+    tree["name"] = f"{spec.name}-ft-{row}-{settings[:6]}"
     return parse_spec(tree, f"(rank --fine-tune: {tree['name']})")
 
 
-def _row_spec(spec: JobSpec, row: dict[str, Any], depths: bool) -> JobSpec:
+def _row_spec(spec: JobSpec, row: dict[str, Any], candidate: RankCandidate | None) -> JobSpec:
+    if candidate is not None:  # --depths: one candidate, a row per depth
+        return row_spec(spec, candidate, row["freeze_depth"])
+    fields = {"name": row["model"], "weights": row["weights"], "weights_remap": row["weights_remap"]}
+    return row_spec(spec, RankCandidate(label=row["candidate"], **fields))
+
+
+def check_fine_tunes(spec: JobSpec, candidates: list[RankCandidate], depths: bool, num_classes: int) -> None:
+    """Before Ray: --fine-tune needs a held-out accuracy to correlate with, and every fine-tune's
+    spec passes the preflight (data, model, weights, budget; with --depths the shallowest and the
+    deepest row), so a bad one is not found after the ranking and the first fine-tunes ran."""
+    if not test_split_of(spec) and spec.storage.mode != "max":
+        raise SpecError(
+            f"--fine-tune: correlates the scores with an accuracy; without data.test / data.test_fraction it uses "
+            f"storage.metric, and {spec.storage.metric} is a min-mode metric: set a test split (preferred: no choice "
+            "is made on it) or storage.metric: val/acc"
+        )
+    rows: list[tuple[str, JobSpec]] = []
     if depths:
-        return row_spec(spec, freeze_depth=row["freeze_depth"])
-    fields = ("name", "weights", "weights_remap")
-    return row_spec(
-        spec, candidate=RankCandidate(label=row["candidate"], **{k: row[k if k != "name" else "model"] for k in fields})
-    )
-
-
-def check_fine_tunes(spec: JobSpec, candidates: list[RankCandidate], depths: bool) -> None:
-    """Before Ray: every fine-tune's spec passes the preflight (data, model, weights, budget), so a
-    bad one is not found after the ranking and the first fine-tunes ran."""
-    for s in [row_spec(spec, freeze_depth=1)] if depths else [row_spec(spec, candidate=c) for c in candidates]:
-        build_plan(s)
+        deepest = count_layer_groups(row_spec(spec, candidates[0]), num_classes)
+        rows = [(f"--depths row {d}", row_spec(spec, candidates[0], d)) for d in sorted({1, max(deepest, 1)})]
+    else:
+        rows = [(f"rank.candidates ({c.title()})", row_spec(spec, c)) for c in candidates]
+    names = [row.name for _, row in rows]
+    if len(set(names)) < len(names):
+        raise SpecError("rank.candidates: two labels give the same fine-tune run name; make the labels differ")
+    for label, row in rows:
+        try:
+            build_plan(row)
+        except SpecError as err:
+            raise SpecError(f"--fine-tune, {label}: {err}") from None
 
 
 def _accuracy(spec: JobSpec, summary: dict[str, Any]) -> tuple[str, float | None]:
-    """The row's held-out score: test accuracy when the spec has a test split, else the best val metric."""
+    """The row's held-out score: test accuracy when the spec has a test split, else the best
+    storage.metric (a max-mode one: check_fine_tunes refused the others)."""
     if test_split_of(spec):
         return TEST_ACC, (summary.get("test_metrics") or {}).get(TEST_ACC)
     return str(summary["metric"]), summary["best_metric"]
@@ -82,7 +107,7 @@ def correlations(rows: list[dict[str, Any]], scores: Sequence[str], *, depths: b
     for title, subset in subsets:
         for score in scores:
             pairs = [(r["scores"].get(score), r["fine_tuned"]) for r in subset]
-            pairs = [(s, a) for s, a in pairs if s is not None and a is not None]
+            pairs = [(s, a) for s, a in pairs if s is not None and a is not None and math.isfinite(s)]
             tau = kendall_tau([s for s, _ in pairs], [a for _, a in pairs]) if len(pairs) > 1 else None
             out.append({"among": title, "score": score, "tau": tau, "n": len(pairs)})
     return out
@@ -96,14 +121,16 @@ def fine_tune_rows(
     depths: bool,
     key: str,
     rank_wall_s: float,
+    candidate: RankCandidate | None = None,
     out: TextIO | None = None,
 ) -> dict[str, Any]:
     """Fine-tune every row (ordered best first already), then the table and the correlations.
-    rank_wall_s: what the ranking took, start to scores, for the cost line."""
+    rank_wall_s: what the ranking took, scores only, for the cost line; candidate: the one model
+    whose depths the rows are (--depths)."""
     from tltrain.execution.train import run_train
 
     out = out or sys.stdout
-    specs = [_row_spec(spec, row, depths) for row in rows]
+    specs = [_row_spec(spec, row, candidate if depths else None) for row in rows]
     with _open_parent(spec, depths) as parent:
         for row, row_job in zip(rows, specs):
             print(f"\n== fine-tune {row[key]} ({row_job.name})", file=out, flush=True)
@@ -112,8 +139,11 @@ def fine_tune_rows(
             row["fine_tune_metric"], row["fine_tuned"] = _accuracy(row_job, summary)
             row["fine_tune_s"] = round(time.monotonic() - started, 1)
             row["fine_tune_worker_s"] = float(summary["worker_s"])
+            row["reused"] = summary["epochs_this_invocation"] == 0  # finished by an earlier check
         taus = correlations(rows, scores, depths=depths)
-        cost = {"rank_s": round(rank_wall_s, 1), "fine_tune_s": round(sum(r["fine_tune_s"] for r in rows), 1)}
+        fresh = [r for r in rows if not r["reused"]]
+        cost = {"rank_s": round(rank_wall_s, 1), "fine_tune_s": round(sum(r["fine_tune_s"] for r in fresh), 1),
+                "fine_tunes": len(fresh), "reused": len(rows) - len(fresh)}  # fmt: skip
         parent.log_epoch(
             {f"kendall_tau/{t['score']}{'' if i < len(scores) else '/pretrained'}": t["tau"]
              for i, t in enumerate(taus) if t["tau"] is not None} | cost,

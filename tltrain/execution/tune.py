@@ -17,6 +17,7 @@ latest checkpoint.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import logging
 import math
 import sys
@@ -363,21 +364,31 @@ def _tuner(
     )
 
 
+# Searched keys that change where LoRA's adapters go: every combination of their choices is checked.
+_LORA_LAYOUT_KEYS = ("model.name", "model.weights", "strategy.group_granularity", "strategy.lora.targets")
+_MAX_LORA_CHECKS = 16
+
+
 def _check_lora_trials(spec: JobSpec, space: dict[str, Dist]) -> None:
-    """With LoRA in the sweep (the spec's strategy.lora, or a searched strategy.lora.* key), build
-    the trial whose adapters have the least room (the deepest searched freeze depth) through the
-    preflight: targets that match nothing there fail here, naming the field, not in a worker."""
+    """With LoRA in the sweep (the spec's strategy.lora, or a searched strategy.lora.* key), every
+    combination of the searched layout keys' choices, at the deepest searched freeze depth (where
+    adapters have the least room), goes through the preflight: a trial whose targets match nothing
+    fails here, naming the field, not inside Ray."""
     lora_keys = [k for k in space if k.startswith("strategy.lora.")]
     if spec.strategy.lora is None and not lora_keys:
         return
-    config: dict[str, Any] = {k: space[k].candidates()[0] for k in lora_keys}
+    fixed: dict[str, Any] = {k: space[k].candidates()[0] for k in lora_keys}
     if "strategy.freeze_depth" in space:
         depths = space["strategy.freeze_depth"].candidates()
-        config["strategy.freeze_depth"] = "all" if "all" in depths else max(int(d) for d in depths)
-    try:
-        build_plan(apply_config(spec, config))
-    except SpecError as err:
-        raise SpecError(f"tune.space: the trial {config} would fail: {err}") from None
+        fixed["strategy.freeze_depth"] = "all" if "all" in depths else max(int(d) for d in depths)
+    varied = [k for k in _LORA_LAYOUT_KEYS if k in space and space[k].kind == "choice"]
+    combos = list(itertools.product(*(space[k].candidates() for k in varied)))[:_MAX_LORA_CHECKS]
+    for values in combos:
+        config = {**fixed, **dict(zip(varied, values))}
+        try:
+            build_plan(apply_config(spec, config))
+        except SpecError as err:
+            raise SpecError(f"tune.space: the trial {config} would fail: {err}") from None
 
 
 def run_tune(

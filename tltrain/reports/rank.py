@@ -45,7 +45,7 @@ def format_check_table(
     header = ["#", key, *scores, metric, "fine-tune s"]
     body = [
         [str(i), str(row[key]), *(_cell(row["scores"].get(s)) for s in scores), _cell(row["fine_tuned"]),
-         f"{row['fine_tune_s']:.0f}"]
+         "reused" if row.get("reused") else f"{row['fine_tune_s']:.0f}"]
         for i, row in enumerate(rows, start=1)
     ]  # fmt: skip
     widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
@@ -63,8 +63,9 @@ def format_check_table(
         ]
         lines.append(f"  {among} (n={n}): " + ", ".join(cells))
     ratio = check["fine_tune_s"] / check["rank_s"] if check["rank_s"] else float("inf")
+    reused = f"; {check['reused']} reused from an earlier check, not counted" if check.get("reused") else ""
     lines.append(
-        f"cost (wall): the ranking {check['rank_s']:.0f} s, the {len(rows)} fine-tunes {check['fine_tune_s']:.0f} s "
-        f"({ratio:.0f}x the ranking)"
+        f"cost (wall): the ranking {check['rank_s']:.0f} s, the {check['fine_tunes']} fine-tunes "
+        f"{check['fine_tune_s']:.0f} s ({ratio:.0f}x the ranking){reused}"
     )
     return "\n".join(lines)

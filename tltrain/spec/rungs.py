@@ -39,6 +39,7 @@ _PLAIN = {
     "strategy.layer_decay": None,
     "strategy.unfreeze": {},
     "strategy.group_granularity": "coarse",
+    "strategy.lora": None,  # no adapters: scratch and fine-tune train every weight, the probe its head
     "tracking.registry_name": None,
 }
 

@@ -198,7 +198,7 @@ def register_checkpoint(
         meta_path.write_text(json.dumps(clean_meta, indent=2, sort_keys=True))
 
         weights_file = local / MODEL_FILE
-        lora = (meta.spec.get("strategy") or {}).get("lora")
+        lora = meta.lora
         if lora:  # adapters + head only: the package gets merged full weights (no peft downstream)
             weights_file = _merged_lora_weights(local, meta, tmp / "merged")
 
