@@ -136,6 +136,21 @@ def test_lora_run_checkpoints_adapters_only_resumes_exactly_and_registers_merged
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])["labels"] == expected
 
+    # Re-running the name with another adapter layout, or without LoRA, is refused before Ray: the
+    # checkpoints fit only their own layout. A LoRA checkpoint's file is no source model.weights.
+    base = _tree(tmp_path, train, val, "lora-whole", epochs=2)
+    for field, tree in [
+        ("strategy.freeze_depth", base | {"strategy": {**base["strategy"], "freeze_depth": 1}}),
+        ("strategy.lora", base | {"strategy": {"head_lr_mult": 3}}),
+    ]:
+        with pytest.raises(SpecError, match=f"{field}: lora-whole exists in storage"):
+            build_plan(parse_spec(tree))
+    as_source = _tree(tmp_path, train, val, "from-lora", epochs=1)
+    as_source["model"]["weights"] = str(ckpt / MODEL_FILE)
+    as_source["strategy"] = {}
+    with pytest.raises(SpecError, match="is a LoRA checkpoint's file"):
+        build_plan(parse_spec(as_source))
+
 
 def _plan(tmp_path: Path, fashion_folders: tuple[str, str], **strategy: Any) -> Any:
     train, val = fashion_folders
@@ -206,3 +221,14 @@ def test_lora_with_ema_saves_both_twins_as_the_trained_subset() -> None:
     assert set(files) == {MODEL_FILE, TWIN_FILE.format("ema")} or set(files) == {MODEL_FILE, TWIN_FILE.format("raw")}
     assert exported.keys() == twin.keys() and all(".lora_" in k or k.startswith("head.") for k in exported)
     assert any(not torch.equal(exported[k], twin[k]) for k in exported)
+
+
+def test_compare_keeps_lora_in_the_recipe_rung_only(tmp_path: Path, fashion_folders: tuple[str, str]) -> None:
+    from tltrain.spec.rungs import RECIPE, rung_specs
+
+    train, val = fashion_folders
+    rungs = rung_specs(parse_spec(_tree(tmp_path, train, val, "lora-compare", epochs=1)))
+    assert rungs[RECIPE].strategy.lora is not None
+    assert all(s.strategy.lora is None for rung, s in rungs.items() if rung != RECIPE)
+    for rung_spec in rungs.values():  # every rung passes the preflight (scratch: no LoRA on random init)
+        build_plan(rung_spec.model_copy(update={"tracking": rung_spec.tracking.model_copy(update={"enabled": False})}))

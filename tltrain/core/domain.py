@@ -15,11 +15,20 @@ so each rank's local features receive W x the single-process gradient, and DDP's
 divides by W again: the parameter gradients equal those of the single-process loss on the global
 batch with NO extra factor (divide by grad_accum as for the classification loss, nothing else).
 Without DDP's average (a hand-made sum all-reduce) divide the loss by W.
+
+The run's side (`DomainAdapter`, `PooledFeatures`, `target_batches`): one forward of the
+concatenated source + target batch through the DDP-wrapped model returns (logits, pooled features);
+cross-entropy on the source slice, `ce + weight x ramp x align` with the ramp linear over
+strategy.domain_adaptation.warmup_epochs (dann: the ramp scales the GRL coefficient instead, so the
+discriminator learns from the first step while the features feel it only as it ramps in).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import count
 from typing import Any
 
 import torch
@@ -27,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 METHODS = ("dann", "mmd", "coral")
+DISCRIMINATOR_GROUP = "discriminator"  # its optimizer param group's name (lr/<index>_discriminator)
 
 
 class GradientReversal(torch.autograd.Function):
@@ -221,3 +231,115 @@ def alignment_loss(
     if method == "coral":
         return coral_loss(gather_features(source_feats), gather_features(target_feats))
     raise ValueError(f"unknown alignment method {method!r}; expected one of {', '.join(METHODS)}")
+
+
+class PooledFeatures(nn.Module):
+    """A timm classifier whose forward returns (logits, pooled pre-logits features): timm's own
+    forward_features -> forward_head(pre_logits=True) -> get_classifier(), i.e. what `model(x)`
+    computes, with the features kept. DDP wraps this module, so both outputs' gradients sync."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m: Any = self.model
+        features: torch.Tensor = m.forward_head(m.forward_features(x), pre_logits=True)
+        logits: torch.Tensor = m.get_classifier()(features)
+        return logits, features
+
+
+def feature_dim(model: nn.Module) -> int:
+    """Width of the pooled features the classifier reads (its in_features; timm's num_features)."""
+    m: Any = model
+    head: Any = m.get_classifier() if hasattr(m, "get_classifier") else None
+    if isinstance(head, nn.Linear):
+        return head.in_features
+    return int(m.num_features)
+
+
+def pooled_features_error(model: nn.Module, image_size: int) -> str | None:
+    """Why `PooledFeatures(model)` would not give this model's own logits (None = it does): the
+    model must be timm-style (forward_features, forward_head(pre_logits=), one linear classifier)
+    and the decomposition must reproduce model(x) (checked on 2 random images at the run's size, in eval mode)."""
+    missing = [a for a in ("forward_features", "forward_head", "get_classifier") if not hasattr(model, a)]
+    if missing:
+        return f"it has no {', '.join(missing)} (a timm model has them)"
+    head: Any = model.get_classifier()  # type: ignore[operator]
+    if not isinstance(head, nn.Module):
+        return "its classifier is not one module (a distilled model with two heads?)"
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = torch.randn(2, 3, image_size, image_size)
+            logits, features = PooledFeatures(model)(x)
+            plain = model(x)
+    except Exception as err:  # any failure to decompose the forward
+        return f"forward_head(pre_logits=True) failed ({type(err).__name__}: {err})"
+    finally:
+        model.train(was_training)
+    if features.dim() != 2:
+        return f"its pooled features have shape {tuple(features.shape)}, not (N, D)"
+    if not (isinstance(plain, torch.Tensor) and torch.allclose(logits, plain, atol=1e-4, rtol=1e-3)):
+        return "forward_features -> forward_head(pre_logits=True) -> get_classifier() differs from its forward"
+    return None
+
+
+def alignment_ramp(global_step: int, warmup_steps: int) -> float:
+    """Linear 0 -> 1 over the first `warmup_steps` optimizer steps, 1 after (and with no warmup)."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, global_step / warmup_steps)
+
+
+def target_batches(loader: Any, epoch: int) -> Iterator[torch.Tensor]:
+    """This epoch's endless stream of target image batches: the loader cycled, each pass a new seeded
+    shuffle whose key is (epoch, pass), so an epoch's stream depends on nothing before it (a resumed
+    run draws what an uninterrupted one would). The loader drops short batches: equal shapes on
+    every rank for the all-gathers."""
+    for n in count():
+        loader.sampler.set_epoch(epoch * 4096 + n)
+        for images, _ in loader:
+            yield images
+
+
+@dataclass
+class DomainAdapter:
+    """strategy.domain_adaptation inside the step: the target stream, the schedule and the loss."""
+
+    method: str
+    weight: float
+    warmup_steps: int  # of the ramp
+    total_steps: int  # of the run: the GRL schedule's progress = global_step / total_steps
+    gamma: float
+    target_loader: Any
+    discriminator: nn.Module | None = None  # dann: the bare module (checkpoints, clipping)
+    ddp_discriminator: nn.Module | None = None  # dann: what the loss calls (DDP-wrapped when W > 1)
+    _stream: Iterator[torch.Tensor] | None = None
+
+    def start_epoch(self, epoch: int) -> None:
+        self._stream = target_batches(self.target_loader, epoch)
+
+    def next_target(self) -> torch.Tensor:
+        assert self._stream is not None, "start_epoch first"
+        return next(self._stream)
+
+    def loss(
+        self,
+        net: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        ce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        n_source: int,
+        global_step: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(total, ce, align) for one micro-batch: `images` is source (first n_source) + target."""
+        logits, features = net(images)
+        ce_loss = ce(logits[:n_source], labels)
+        ramp = alignment_ramp(global_step, self.warmup_steps)
+        source, target = features[:n_source], features[n_source:]
+        if self.method == "dann":
+            lambda_ = grl_lambda(global_step / max(self.total_steps, 1), self.gamma) * ramp
+            align = alignment_loss("dann", source, target, self.ddp_discriminator, lambda_)
+            return ce_loss + self.weight * align, ce_loss, align
+        align = alignment_loss(self.method, source, target)
+        return ce_loss + self.weight * ramp * align, ce_loss, align

@@ -16,6 +16,13 @@ import torch
 from torch import nn
 
 from tltrain.core.checkpoint import CheckpointMeta, LoopState
+from tltrain.core.domain import (
+    DISCRIMINATOR_GROUP,
+    DomainAdapter,
+    DomainDiscriminator,
+    PooledFeatures,
+    feature_dim,
+)
 from tltrain.core.live import LiveSteps
 from tltrain.core.model import LayerGroup
 from tltrain.core.optim import (
@@ -28,6 +35,7 @@ from tltrain.core.optim import (
     set_frozen_norms_eval,
 )
 from tltrain.core.steps import (
+    DISCRIMINATOR_STATE,
     Report,
     Trainer,
     apply_stop_rule,
@@ -44,6 +52,7 @@ from tltrain.core.steps import (
     wrap_ddp,
 )
 from tltrain.spec.bounds import check_spec_batch
+from tltrain.spec.metrics import Split, Twin
 from tltrain.spec.schema import JobSpec
 
 __all__ = ["LoopState", "Resume", "evaluate", "train"]
@@ -97,6 +106,44 @@ def _lora_saved_keys(spec: JobSpec, model: nn.Module) -> frozenset[str] | None:
     return frozenset(adapter_state(model))
 
 
+def _build_domain(
+    spec: JobSpec,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    num_groups: int,
+    target_loader: Any,
+    steps_per_epoch: int,
+    device: torch.device,
+) -> DomainAdapter | None:
+    """strategy.domain_adaptation's step state; for dann the discriminator too, seeded from
+    loop.seed (DDP broadcasts rank 0's copy anyway), with its own optimizer param group at
+    optim.lr x head_lr_mult x discriminator_lr_mult on the run's schedule (added before the
+    scheduler is built, so the schedule covers it)."""
+    da = spec.strategy.domain_adaptation
+    if da is None:
+        return None
+    if target_loader is None:
+        raise ValueError("strategy.domain_adaptation needs the target images' loader")
+    _, world_size = distributed()
+    adapter = DomainAdapter(method=da.method, weight=da.weight, warmup_steps=round(da.warmup_epochs * steps_per_epoch),
+                            total_steps=steps_per_epoch * spec.loop.epochs, gamma=da.grl_gamma,
+                            target_loader=target_loader)  # fmt: skip
+    if da.method == "dann":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.loop.seed)
+            discriminator = DomainDiscriminator(feature_dim(model), hidden=da.discriminator_hidden).to(device)
+        scale = spec.strategy.head_lr_mult * da.discriminator_lr_mult
+        decay = [p for p in discriminator.parameters() if p.ndim > 1]
+        no_decay = [p for p in discriminator.parameters() if p.ndim <= 1]
+        for params, wd in ((decay, spec.optim.effective_weight_decay), (no_decay, 0.0)):
+            optimizer.add_param_group({"params": params, "lr": spec.optim.lr * scale, "weight_decay": wd,
+                                       "lr_scale": scale, "layer_group": num_groups,
+                                       "group_name": DISCRIMINATOR_GROUP})  # fmt: skip
+        adapter.discriminator = discriminator
+        adapter.ddp_discriminator = wrap_ddp(discriminator, device, world_size)
+    return adapter
+
+
 def _default_meta(spec: JobSpec, num_classes: int) -> CheckpointMeta:
     return CheckpointMeta(spec=spec.to_dict(), class_names=[str(i) for i in range(num_classes)],
                           model_name=spec.model.name, data_config={})  # fmt: skip
@@ -117,6 +164,8 @@ def train(
     started_at: float | None = None,
     class_weights: list[float] | None = None,
     live: LiveSteps | None = None,
+    target_loader: Any = None,
+    source_val_loader: Any = None,
 ) -> LoopState:
     """Fine-tune `model` (weights already loaded) for spec.loop.epochs, reporting once per epoch.
 
@@ -124,6 +173,9 @@ def train(
     metrics filled in here. `started_at` (perf_counter) is when the worker began setting up; the
     first epoch's `epoch_wall_s` counts from there. `class_weights` (per label) weigh the loss.
     `live` (rank 0 only) hears of the steps inside each epoch, for the driver's progress line.
+    `target_loader` (strategy.domain_adaptation): this rank's unlabelled target images, cycled
+    beside the labelled batches; `source_val_loader` (data.source_val_fraction): scored every
+    epoch as val_source/*.
     """
     rank, world_size = distributed()
     lp = spec.loop
@@ -135,11 +187,19 @@ def train(
 
     steps_per_epoch = _steps_per_epoch(spec, train_loader)
     optimizer = build_optimizer(model, groups, spec.strategy, spec.optim, device)
+    domain = _build_domain(spec, model, optimizer, len(groups), target_loader, steps_per_epoch, device)
     scheduler = build_scheduler(optimizer, spec.schedule, steps_per_epoch, lp.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=lp.precision == "fp16")
     state = LoopState()
     if resume is not None:
         if resume.train_state is not None:
+            if domain is not None and domain.discriminator is not None:
+                if DISCRIMINATOR_STATE not in resume.train_state:
+                    raise RuntimeError(
+                        f"{spec.name}'s checkpoint holds no DANN discriminator (it was trained without "
+                        "strategy.domain_adaptation method dann); start a new run: --set name=<new name>"
+                    )
+                domain.discriminator.load_state_dict(resume.train_state[DISCRIMINATOR_STATE])
             optimizer.load_state_dict(resume.train_state["optimizer"])
             scheduler.load_state_dict(resume.train_state["scheduler"])
             scaler.load_state_dict(resume.train_state["scaler"])
@@ -151,11 +211,17 @@ def train(
 
     # torch.compile of a Module returns an OptimizedModule (a Module); its hint says only Callable.
     compiled = cast(nn.Module, torch.compile(model)) if lp.compile else model
+    # Domain adaptation trains through a wrapper returning (logits, pooled features); evaluation,
+    # checkpoints and the EMA keep the plain model.
+    train_net = compiled
+    if domain is not None:
+        features = PooledFeatures(model)
+        train_net = cast(nn.Module, torch.compile(features)) if lp.compile else features
     loss = build_loss(lp, class_weights, device)
     saved_keys = _lora_saved_keys(spec, model)
     trainer = Trainer(model, compiled, optimizer, scheduler, scaler, device, lp, channels_last, loss,
                       mixup=build_mixup(lp, num_classes), ema=_build_ema(model, lp, resume, saved_keys), live=live,
-                      saved_keys=saved_keys)  # fmt: skip
+                      saved_keys=saved_keys, domain=domain)  # fmt: skip
     # Wall time between reports: training, evaluation, checkpoint save and the previous report's
     # upload (the cost of holding the workers; epoch_time_s is the training steps alone).
     since_report = started_at if started_at is not None else time.perf_counter()
@@ -166,7 +232,7 @@ def train(
         if depth != current_depth:
             if spec.strategy.lora is None:  # a LoRA model came frozen around its adapters (core/lora)
                 apply_freeze(model, groups, depth)
-            trainer.ddp_model = wrap_ddp(compiled, device, world_size)
+            trainer.ddp_model = wrap_ddp(train_net, device, world_size)
             current_depth = depth
         # A new seeded shuffle (the same on every rank) and this epoch's augmentation and model-noise
         # streams: all functions of (seed, epoch), so resuming at any epoch continues exactly.
@@ -176,6 +242,8 @@ def train(
 
         trainer.ddp_model.train()
         set_frozen_norms_eval(model)
+        if domain is not None:
+            domain.start_epoch(epoch)
         if live is not None:
             live.start_epoch(epoch + 1, lp.epochs, steps_per_epoch)
         sums = trainer.train_epoch(train_loader, steps_per_epoch, state)
@@ -184,11 +252,18 @@ def train(
         # with no val images would never join. Rank 0's buffers first, so every rank scores one model.
         sync_buffers(model)
         val = evaluate(compiled, val_loader, device, num_classes, lp.precision, channels_last)
+        exported = Twin.RAW
         if trainer.ema is not None:  # scored beside the raw weights; the better one is exported
             sync_buffers(trainer.ema.module)
             ema_val = evaluate(trainer.ema.module, val_loader, device, num_classes, lp.precision, channels_last)
-            _, val = pick_twin(val, ema_val, spec)
+            exported, val = pick_twin(val, ema_val, spec)
         confusion = val.pop("confusion_matrix")
+        if source_val_loader is not None:  # the exported twin on the source domain
+            scored = trainer.ema.module if trainer.ema is not None and exported == Twin.EMA else compiled
+            source_val = evaluate(scored, source_val_loader, device, num_classes, lp.precision, channels_last,
+                                  split=Split.SOURCE_VAL)  # fmt: skip
+            source_val.pop("confusion_matrix")
+            val.update(source_val)
         state.epoch = epoch + 1
 
         metrics: dict[str, Any] = {

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from tltrain.core.domain import pooled_features_error
 from tltrain.core.model import LayerGroup, ModelError, build_model, layer_groups
 from tltrain.spec.bounds import check_freeze_depth
 from tltrain.spec.metrics import TOP5_MIN_CLASSES, VAL_TOP5
-from tltrain.spec.schema import JobSpec, SpecError
+from tltrain.spec.schema import TORCHVISION_PREFIX, JobSpec, SpecError
 
 
 @dataclass
@@ -42,6 +43,11 @@ class TrainPlan:
     total_params: int = 0  # the model's parameters (with adapters under LoRA)
     trainable_params: int = 0  # of those, trained at the start (after freeze_depth, LoRA)
     lora_modules: int = 0  # layers given adapters (strategy.lora); 0 = no LoRA
+    # strategy.domain_adaptation: data.target_unlabelled's images (the driver's paths under
+    # target_root) and the source-domain val split held out of data.train (data.source_val_fraction).
+    target: list[str] = field(default_factory=list)
+    target_root: str = ""
+    source_val: list[tuple[str, int]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -175,3 +181,20 @@ def check_metrics(spec: JobSpec, num_classes: int) -> None:
                 f"{field_name}: {VAL_TOP5} needs at least {TOP5_MIN_CLASSES} classes (data.train has {num_classes}); "
                 "use val/acc or val/f1_macro"
             )
+
+
+def check_domain_features(spec: JobSpec, model: nn.Module, image_size: int) -> None:
+    """strategy.domain_adaptation aligns the pooled features the classifier reads: the model must
+    expose them the timm way (forward_features -> forward_head(pre_logits=True) -> classifier)."""
+    if spec.strategy.domain_adaptation is None:
+        return
+    reason = (
+        "torchvision models have no forward_features / forward_head"
+        if spec.model.name.startswith(TORCHVISION_PREFIX)
+        else pooled_features_error(model, image_size)
+    )
+    if reason is not None:
+        raise SpecError(
+            f"strategy.domain_adaptation: the pooled features of {spec.model.name} cannot be reached ({reason}); "
+            "use a timm model (e.g. resnet50, vit_small_patch16_224), or drop strategy.domain_adaptation"
+        )

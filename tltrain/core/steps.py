@@ -21,10 +21,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tltrain.core.checkpoint import CheckpointMeta, LoopState, save_checkpoint
+from tltrain.core.domain import DomainAdapter
 from tltrain.core.live import LiveSteps
 from tltrain.core.scores import summary_scores
 from tltrain.core.tta import Views, tta_log_probs
 from tltrain.spec.metrics import (
+    ALIGN_LOSS,
     DATA_WAIT_FRAC,
     EPOCH_TIME_S,
     EPOCH_WALL_S,
@@ -52,6 +54,7 @@ from tltrain.spec.schema import JobSpec, LoopSpec
 # only rank 0 passes a checkpoint directory.
 Report = Callable[[dict[str, Any], "str | None"], None]
 
+DISCRIMINATOR_STATE = "discriminator"  # train_state.pt's key of the DANN discriminator's weights
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
@@ -179,6 +182,24 @@ class Trainer:
     # strategy.lora: the state_dict entries a checkpoint keeps (adapters and head: what trains);
     # None = the whole state_dict.
     saved_keys: frozenset[str] | None = None
+    # strategy.domain_adaptation: the target stream and alignment loss; ddp_model then returns
+    # (logits, pooled features). None = off (the step is exactly the plain one).
+    domain: DomainAdapter | None = None
+
+    def _no_sync(self) -> contextlib.AbstractContextManager[Any]:
+        """DDP's no_sync of the model and (dann) of the discriminator's own DDP wrapper."""
+        if self.domain is None or not isinstance(self.domain.ddp_discriminator, DDP):
+            return cast(DDP, self.ddp_model).no_sync()
+        stack = contextlib.ExitStack()
+        stack.enter_context(cast(DDP, self.ddp_model).no_sync())
+        stack.enter_context(self.domain.ddp_discriminator.no_sync())
+        return stack
+
+    def _clipped_params(self) -> list[nn.Parameter]:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.domain is not None and self.domain.discriminator is not None:
+            params += [p for p in self.domain.discriminator.parameters() if p.grad is not None]
+        return params
 
     def saved(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return state if self.saved_keys is None else {k: state[k] for k in sorted(self.saved_keys)}
@@ -188,6 +209,7 @@ class Trainer:
         lp, device = self.lp, self.device
         dtype = autocast_dtype(lp.precision)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        align_sum = torch.zeros((), dtype=torch.float64, device=device)  # domain adaptation only
         images_seen, data_wait_s = 0, 0.0
         t_epoch = t_fetch = time.perf_counter()
         for step_in_epoch, micro in enumerate(_micro_batches(loader, lp.grad_accum)):
@@ -199,22 +221,33 @@ class Trainer:
                 labels = labels.to(device, non_blocking=True)
                 if self.mixup is not None:  # blends images and turns labels into soft targets
                     images, labels = self.mixup(images, labels)
+                n_source = images.shape[0]
+                if self.domain is not None:  # one forward of source + target (mixup on source only)
+                    target = self.domain.next_target().to(device, non_blocking=True)
+                    images = torch.cat([images, target])
                 if self.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 # Gradients are all-reduced only on the last micro-batch of the step.
                 sync = i == len(micro) - 1 or not isinstance(self.ddp_model, DDP)
-                with contextlib.nullcontext() if sync else cast(DDP, self.ddp_model).no_sync():
+                with contextlib.nullcontext() if sync else self._no_sync():
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        logits = self.ddp_model(images)
-                        loss = self.loss(logits, labels)
+                        if self.domain is None:
+                            logits = self.ddp_model(images)
+                            loss = self.loss(logits, labels)
+                            total = loss
+                        else:
+                            total, loss, align = self.domain.loss(
+                                self.ddp_model, images, labels, self.loss, n_source, state.global_step
+                            )
+                            align_sum += align.detach().double() * n_source
                     # Divided by the accumulation steps: the summed gradient is the mean over the step.
-                    self.scaler.scale(loss / lp.grad_accum).backward()
-                loss_sum += loss.detach().double() * images.shape[0]
-                images_seen += images.shape[0]
+                    self.scaler.scale(total / lp.grad_accum).backward()
+                # Domain adaptation: the labelled (source) images are the epoch's images.
+                loss_sum += loss.detach().double() * n_source
+                images_seen += n_source
             if lp.clip_grad_norm is not None:
                 self.scaler.unscale_(self.optimizer)
-                params = [p for p in self.model.parameters() if p.grad is not None]
-                torch.nn.utils.clip_grad_norm_(params, lp.clip_grad_norm)
+                torch.nn.utils.clip_grad_norm_(self._clipped_params(), lp.clip_grad_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
@@ -227,8 +260,11 @@ class Trainer:
             t_fetch = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        return {"loss_sum": float(loss_sum), "images": images_seen, "data_wait_s": data_wait_s,
+        sums = {"loss_sum": float(loss_sum), "images": images_seen, "data_wait_s": data_wait_s,
                 "seconds": time.perf_counter() - t_epoch}  # fmt: skip
+        if self.domain is not None:
+            sums["align_sum"] = float(align_sum)
+        return sums
 
 
 def epoch_metrics(sums: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -239,12 +275,17 @@ def epoch_metrics(sums: dict[str, float], device: torch.device) -> dict[str, flo
     _all_reduce(totals)
     _all_reduce(seconds, dist.ReduceOp.MAX if dist.is_available() else None)
     train_time = max(float(seconds), 1e-9)
-    return {
+    out = {
         TRAIN_LOSS: float(totals[0] / max(float(totals[1]), 1.0)),
         IMG_PER_S: float(totals[1]) / train_time,
         EPOCH_TIME_S: float(seconds),
         DATA_WAIT_FRAC: float(totals[2]) / world_size / train_time,
     }
+    if "align_sum" in sums:  # domain adaptation: every rank has the key, so every rank joins
+        # MMD / CORAL are global-batch values (the same on every rank): the mean over ranks is that value.
+        align = _all_reduce(torch.tensor(sums["align_sum"], dtype=torch.float64, device=device))
+        out[ALIGN_LOSS] = float(align) / max(float(totals[1]), 1.0)
+    return out
 
 
 def evaluate(
@@ -370,12 +411,14 @@ def save_and_report(
             "scheduler": trainer.scheduler.state_dict(),
             "scaler": trainer.scaler.state_dict(),
         }
+        if trainer.domain is not None and trainer.domain.discriminator is not None:
+            train_state[DISCRIMINATOR_STATE] = trainer.domain.discriminator.state_dict()
         raw = trainer.saved(trainer.model.state_dict())
         if trainer.ema is None:
             save_checkpoint(ckpt_dir, raw, train_state, meta)
         else:
-            # model.safetensors holds the exported twin (what registry, serving and --set model.weights
-            # read); the other twin goes beside it, so a resume restores both.
+            # model.safetensors holds the exported twin (what registry, serving and, for full-weight
+            # runs, --set model.weights read); the other twin goes beside it, so a resume restores both.
             ema = trainer.saved(trainer.ema.module.state_dict())
             exported, twin = (ema, (Twin.RAW, raw)) if meta.exported_weights == Twin.EMA else (raw, (Twin.EMA, ema))
             save_checkpoint(ckpt_dir, exported, train_state, meta, twin=twin)

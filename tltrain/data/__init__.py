@@ -13,26 +13,39 @@ from tltrain.data.folder import (
     DatasetPlan,
     FolderIndex,
     Sample,
+    UnlabelledIndex,
     fingerprint,
+    hold_out,
     plan_dataset,
     scan_image_folder,
+    scan_unlabelled,
     stratified_sample,
 )
-from tltrain.data.loaders import build_eval_loader, build_train_loader, build_transform, resolve_data_config
+from tltrain.data.loaders import (
+    build_eval_loader,
+    build_target_loader,
+    build_train_loader,
+    build_transform,
+    resolve_data_config,
+)
 
 __all__ = [
     "DataError",
     "DatasetPlan",
     "FolderIndex",
     "Sample",
+    "UnlabelledIndex",
     "build_eval_loader",
+    "build_target_loader",
     "build_train_loader",
     "build_transform",
     "fingerprint",
+    "hold_out",
     "load_rgb",
     "plan_dataset",
     "resolve_data_config",
     "scan_image_folder",
+    "scan_unlabelled",
     "stratified_sample",
     "to_rgb",
 ]

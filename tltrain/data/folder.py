@@ -282,3 +282,81 @@ def plan_dataset(data: DataSpec, seed: int, localize: Callable[[str], str] = loc
     return DatasetPlan(
         classes, train, val, skipped, fingerprint(indexes, classes), train_idx.root, val_root, test, test_root
     )
+
+
+@dataclass
+class UnlabelledIndex:
+    """data.target_unlabelled: every readable image under a root, recursively, sorted."""
+
+    root: str  # the local directory scanned (the cache copy for s3:// roots)
+    paths: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # num_files, sha256 of sorted (relative path, size)
+
+
+def scan_unlabelled(
+    root: str,
+    on_bad_image: Literal["error", "skip"] = "error",
+    *,
+    field_name: str = "data.target_unlabelled",
+    localize: Callable[[str], str] = local_root,
+) -> UnlabelledIndex:
+    """Index a folder of images without labels (any layout, recursively), each file checked as the
+    training scan checks it; hidden files and non-image extensions are skipped."""
+    try:
+        local = Path(localize(root))
+    except FileNotFoundError as err:
+        raise DataError(f"{field_name}: {err}") from None
+    if not local.is_dir():
+        raise DataError(f"{field_name}: folder {root} does not exist; point it at a folder of images")
+    candidates: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for dirpath, dirnames, filenames in os.walk(local):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for fname in sorted(filenames):
+            if _is_hidden(fname):
+                continue
+            path = os.path.join(dirpath, fname)
+            if os.path.splitext(fname)[1].lower() in IMAGE_EXTENSIONS:
+                candidates.append(path)
+            else:
+                skipped.append((path, "not an image file extension"))
+    if not candidates:
+        raise DataError(
+            f"{field_name}: {root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}, searched recursively)"
+        )
+    chunks = [candidates[i : i + 512] for i in range(0, len(candidates), 512)]
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        reasons = [r for chunk in pool.map(lambda ps: [_check_image(p) for p in ps], chunks) for r in chunk]
+    paths: list[str] = []
+    for path, reason in zip(candidates, reasons):
+        if reason is None:
+            paths.append(path)
+        elif on_bad_image == "error":
+            raise DataError(
+                f"{field_name}: {path}: {reason}; delete or replace the file, or set data.on_bad_image: skip"
+            )
+        else:
+            skipped.append((path, reason))
+    if not paths:
+        raise DataError(f"{field_name}: none of the {len(candidates)} image files under {root} can be read")
+    h = hashlib.sha256()
+    for rel, size in sorted((p[len(str(local)) + 1 :].replace(os.sep, "/"), os.path.getsize(p)) for p in paths):
+        h.update(f"{rel}\t{size}\n".encode())
+    fp = {"num_files": len(paths), "sha256": h.hexdigest()}
+    return UnlabelledIndex(root=str(local), paths=paths, skipped=skipped, fingerprint=fp)
+
+
+def hold_out(samples: Sequence[Sample], class_names: list[str], fraction: float, seed: int, purpose: str
+             ) -> tuple[list[Sample], list[Sample]]:  # fmt: skip
+    """(held, rest): a seeded per-class share of `samples` (at least one per class, never a class's
+    last image), one stream per (purpose, class) as the val split draws."""
+    held: list[Sample] = []
+    rest: list[Sample] = []
+    for name, items in zip(class_names, _by_class(samples, len(class_names))):
+        shuffled = sorted(items)
+        _rng(seed, purpose, name).shuffle(shuffled)
+        n = min(max(1, round(len(items) * fraction)), len(items) - 1)
+        held.extend(sorted(shuffled[:n]))
+        rest.extend(sorted(shuffled[n:]))
+    return held, rest

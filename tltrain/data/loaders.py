@@ -352,3 +352,21 @@ def build_eval_loader(
     ranks are exactly the val set (DistributedSampler would pad and skew accuracy)."""
     dataset = ImageListDataset(list(samples)[rank::world_size], transform)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, **_loader_kwargs(workers))
+
+
+def build_target_loader(
+    paths: Sequence[str],
+    transform: Callable[[Image.Image], Any],
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    workers: int,
+) -> DataLoader:
+    """data.target_unlabelled's images (label -1) for one rank: the train loader's seeded shuffle
+    and per-image augmentation seeds (under its own seed stream, so target crops never repeat the
+    source's), drop_last so every rank's batch has the same shape. The caller cycles it
+    (core/domain.target_batches) with set_epoch keys of its own."""
+    check_batch(len(paths), world_size, batch_size)
+    return build_train_loader([(p, -1) for p in paths], transform, batch_size, rank, world_size,
+                              seed + 7919, workers)  # fmt: skip

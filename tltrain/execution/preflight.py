@@ -24,8 +24,23 @@ from tltrain.core.checkpoint import (
     sha256_file,
 )
 from tltrain.core.optim import apply_freeze, resolve_freeze_depth
-from tltrain.core.plan import TrainPlan, check_forward, check_metrics, probe_model, resolve_class_weights
-from tltrain.data import DataError, DatasetPlan, plan_dataset, resolve_data_config
+from tltrain.core.plan import (
+    TrainPlan,
+    check_domain_features,
+    check_forward,
+    check_metrics,
+    probe_model,
+    resolve_class_weights,
+)
+from tltrain.data import (
+    DataError,
+    DatasetPlan,
+    UnlabelledIndex,
+    hold_out,
+    plan_dataset,
+    resolve_data_config,
+    scan_unlabelled,
+)
 from tltrain.spec.bounds import check_spec_batch
 from tltrain.spec.schema import JobSpec, SpecError, expand_path
 
@@ -93,9 +108,14 @@ def _check_resume(spec: JobSpec) -> None:
         raise SpecError(
             f"loop.epochs: {spec.name} exists in storage ({meta.epoch} of {old_epochs} epochs done) with a {kind} "
             f"schedule, whose LR at every step depends on the total; changing it to {spec.loop.epochs} mid-run "
-            f"would jump the LR. Keep loop.epochs={old_epochs} to resume, or continue from its latest checkpoint "
-            f"as a new run: --set name={spec.name}-more --set model.weights={uri}/{MODEL_FILE} "
-            "(the new run warms up and decays over its own epochs)"
+            f"would jump the LR. Keep loop.epochs={old_epochs} to resume, or "
+            + (
+                f"start a new run: --set name={spec.name}-more (a LoRA checkpoint holds adapters only, so a new run "
+                "starts from the source weights again)"
+                if meta.lora
+                else f"continue from its latest checkpoint as a new run: --set name={spec.name}-more --set "
+                f"model.weights={uri}/{MODEL_FILE} (the new run warms up and decays over its own epochs)"
+            )
         )
 
 
@@ -123,13 +143,25 @@ def build_plan(spec: JobSpec) -> TrainPlan:
     data_config = resolve_data_config(probe, spec.data.image_size, model_name=spec.model.name)
     params = dict(probe.named_parameters())  # before adapters: the groups' sizes are the model's
     group_params = [sum(params[n].numel() for n in g.param_names) for g in groups]
-    lora_modules = _check_lora(spec, probe, weights_sha, int(data_config["input_size"][-1]))
-    check_forward(spec, probe, int(data_config["input_size"][-1]))
+    check_forward(spec, probe, int(data_config["input_size"][-1]))  # first: a size the model refuses names the field
+    lora_modules = _check_lora(spec, probe, int(data_config["input_size"][-1]))
+    _check_lora_resume(spec, weights_sha)
+    check_domain_features(spec, probe, int(data_config["input_size"][-1]))
+    target = _scan_target(spec)
+    source_val: list[tuple[str, int]] = []
+    train = [(p, y) for p, y in dataset.train]
+    fingerprint = dict(dataset.fingerprint)
+    if target is not None:
+        fingerprint["target_unlabelled"] = target.fingerprint  # lineage of the target images too
+        if spec.data.source_val_fraction is not None:
+            source_val, train = hold_out(train, dataset.class_names, spec.data.source_val_fraction,
+                                         spec.data.split_seed, "source_val")  # fmt: skip
+            check_spec_batch(len(train), spec)
     if not lora_modules:
         apply_freeze(probe, groups, resolve_freeze_depth(spec.strategy.freeze_depth, groups))
     return TrainPlan(
         class_names=dataset.class_names,
-        train=[(p, y) for p, y in dataset.train],
+        train=train,
         val=[(p, y) for p, y in dataset.val],
         train_root=dataset.train_root,
         val_root=dataset.val_root,
@@ -139,21 +171,77 @@ def build_plan(spec: JobSpec) -> TrainPlan:
         layer_group_params=group_params,
         weights_uri=spec.model.weights,
         weights_sha256=weights_sha,
-        fingerprint=dataset.fingerprint,
-        skipped=dataset.skipped,
+        fingerprint=fingerprint,
+        skipped=dataset.skipped + (target.skipped if target is not None else []),
         test=[(p, y) for p, y in dataset.test],
         test_root=dataset.test_root,
         class_weights=class_weights,
         total_params=sum(p.numel() for p in probe.parameters()),
         trainable_params=sum(p.numel() for p in probe.parameters() if p.requires_grad),
         lora_modules=lora_modules,
+        target=target.paths if target is not None else [],
+        target_root=target.root if target is not None else "",
+        source_val=source_val,
     )
 
 
-def _check_lora(spec: JobSpec, probe: nn.Module, weights_sha: str | None, image_size: int) -> int:
+def _scan_target(spec: JobSpec) -> UnlabelledIndex | None:
+    """data.target_unlabelled scanned like the training images (each file checked, data.on_bad_image
+    applies), with enough images for one full batch on every worker (drop_last, as the labelled
+    loader: the all-gathers of MMD / CORAL need equal shapes on every rank)."""
+    if spec.data.target_unlabelled is None:
+        return None
+    try:
+        target = scan_unlabelled(spec.data.target_unlabelled, spec.data.on_bad_image,
+                                 localize=storage.localizer(spec.data.cache_dir))  # fmt: skip
+    except DataError as err:
+        raise SpecError(str(err)) from None
+    need = spec.scaling.batch_size_per_worker * spec.scaling.num_workers
+    if len(target.paths) < need:
+        raise SpecError(
+            f"data.target_unlabelled: {len(target.paths)} readable images under {spec.data.target_unlabelled}, and "
+            f"one target batch per worker needs {need} (scaling.batch_size_per_worker x scaling.num_workers); add "
+            "images or lower the batch"
+        )
+    return target
+
+
+# What decides which tensors a LoRA checkpoint holds: a resume must keep every one of these.
+LORA_LAYOUT_FIELDS = ("model.name", "strategy.freeze_depth", "strategy.group_granularity", "strategy.lora")
+
+
+def _check_lora_resume(spec: JobSpec, weights_sha: str | None) -> None:
+    """Re-running a name whose checkpoints are LoRA's (or are not, when the spec now asks for LoRA):
+    the checkpoint fits only the same adapter layout on the same source weights."""
+    found = _latest_checkpoint_meta(spec)
+    if found is None:
+        return
+    uri, meta = found
+    before, now = meta.lora, spec.strategy.lora
+    if before is None and now is None:
+        return
+    tree = spec.to_dict()
+    for field in LORA_LAYOUT_FIELDS:
+        section, key = field.split(".")
+        old, new = (meta.spec.get(section) or {}).get(key), tree[section][key]
+        if old != new:
+            raise SpecError(
+                f"{field}: {spec.name} exists in storage with {field}={old!r} ({uri}); its checkpoints hold "
+                f"{'LoRA adapters for that layout' if before else 'full weights, not LoRA adapters'}. Keep {old!r} "
+                f"to resume, or start a new run: --set name={spec.name}-v2"
+            )
+    if meta.source_weights_sha256 != weights_sha:
+        raise SpecError(
+            f"model.weights: {spec.name}'s LoRA checkpoints ({uri}) hold adapters on weights with sha256 "
+            f"{meta.source_weights_sha256}, and {spec.model.weights} now hashes to {weights_sha}; restore that "
+            f"file to resume, or start a new run: --set name={spec.name}-v2"
+        )
+
+
+def _check_lora(spec: JobSpec, probe: nn.Module, image_size: int) -> int:
     """strategy.lora on the driver's probe model: the targets must match adaptable layers above the
-    freeze depth that the forward really calls; a resumed LoRA run must sit on the same source
-    weights and LoRA settings. Adapts `probe` in place; returns how many layers got adapters."""
+    freeze depth that the forward really calls. Adapts `probe` in place; returns how many layers
+    got adapters (0 without LoRA)."""
     lora = spec.strategy.lora
     if lora is None:
         return 0
@@ -169,19 +257,4 @@ def _check_lora(spec: JobSpec, probe: nn.Module, weights_sha: str | None, image_
         check_adapters_used(probe, torch.randn(1, 3, image_size, image_size))
     except LoraError as err:
         raise SpecError(str(err)) from None
-    found = _latest_checkpoint_meta(spec)
-    if found is not None:
-        uri, meta = found
-        before = (meta.spec.get("strategy") or {}).get("lora")
-        if before != lora.model_dump():
-            raise SpecError(
-                f"strategy.lora: {spec.name} exists in storage with strategy.lora {before}; its checkpoints fit only "
-                f"those settings. Keep them to resume, or start a new run: --set name={spec.name}-v2"
-            )
-        if meta.source_weights_sha256 != weights_sha:
-            raise SpecError(
-                f"model.weights: {spec.name}'s LoRA checkpoints ({uri}) hold adapters on weights with sha256 "
-                f"{meta.source_weights_sha256}, and {spec.model.weights} now hashes to {weights_sha}; restore that "
-                f"file to resume, or start a new run: --set name={spec.name}-v2"
-            )
     return len(adapted_layers(probe))

@@ -29,6 +29,7 @@ from tltrain.core.checkpoint import (
     load_meta,
     load_train_state,
     load_twins,
+    sha256_file,
     verify_checkpoint,
 )
 from tltrain.core.live import LiveSteps
@@ -36,7 +37,7 @@ from tltrain.core.loop import Resume, train
 from tltrain.core.model import build_model, layer_groups
 from tltrain.core.plan import TrainPlan
 from tltrain.core.steps import autocast_dtype
-from tltrain.data import build_eval_loader, build_train_loader, build_transform
+from tltrain.data import build_eval_loader, build_target_loader, build_train_loader, build_transform
 from tltrain.execution.packing import worker_device
 from tltrain.spec.schema import JobSpec
 
@@ -165,6 +166,26 @@ def _build_loaders(spec: JobSpec, plan: TrainPlan, rank: int, world_size: int, d
     return train_loader, val_loader
 
 
+def _build_domain_loaders(spec: JobSpec, plan: TrainPlan, rank: int, world_size: int) -> tuple[Any, Any]:
+    """strategy.domain_adaptation: this rank's target stream (the training augmentation, so the
+    alignment compares the two domains under one pipeline and cannot key on augmentation) and the
+    source-domain val loader (None without data.source_val_fraction)."""
+    if spec.strategy.domain_adaptation is None or spec.data.target_unlabelled is None:
+        return None, None
+    batch, workers = spec.scaling.batch_size_per_worker, spec.data.loader_workers
+    target_root = storage.localize(spec.data.target_unlabelled, spec.data.cache_dir)
+    target = [p for p, _ in rebase([(p, 0) for p in plan.target], plan.target_root, target_root)]
+    target_loader = build_target_loader(
+        target, build_transform(plan.data_config, True, spec.data), batch, rank, world_size, spec.loop.seed, workers
+    )
+    if not plan.source_val:
+        return target_loader, None
+    train_root = storage.localize(spec.data.train, spec.data.cache_dir)
+    source_val = rebase(plan.source_val, plan.train_root, train_root)
+    eval_tf = build_transform(plan.data_config, False)
+    return target_loader, build_eval_loader(source_val, eval_tf, batch, rank, world_size, workers)
+
+
 def worker_fn(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: build data and model, restore, hand over to `loop.train`."""
     started_at = time.perf_counter()  # the first epoch's wall time includes this set-up
@@ -187,12 +208,21 @@ def worker_fn(config: dict[str, Any]) -> None:
     if spec.strategy.lora is not None:
         from tltrain.core.lora import adapt_model  # peft is imported only by LoRA runs
 
+        # The adapters are a change to exactly the weights the driver hashed: this node's cached
+        # copy must be that file (an object replaced in storage meanwhile would not be).
+        if weights_file is not None and plan.weights_sha256 and sha256_file(weights_file) != plan.weights_sha256:
+            raise RuntimeError(
+                f"model.weights {spec.model.weights}: this node's copy ({weights_file}) differs from the file the "
+                "driver checked; clear the weights cache (data.cache_dir) on this node"
+            )
+
         groups = adapt_model(model, spec.strategy, coarse)
     else:
         groups = layer_groups(model, coarse=coarse)
     resume, rejected = _restore(model, spec, rank)
     model.to(device)
     train_loader, val_loader = _build_loaders(spec, plan, rank, world_size, device)
+    target_loader, source_val_loader = _build_domain_loaders(spec, plan, rank, world_size)
     meta = CheckpointMeta(
         spec=spec.to_dict(),
         class_names=plan.class_names,
@@ -228,6 +258,8 @@ def worker_fn(config: dict[str, Any]) -> None:
         started_at=started_at,
         class_weights=plan.class_weights,
         live=live,
+        target_loader=target_loader,
+        source_val_loader=source_val_loader,
     )
 
 

@@ -16,6 +16,7 @@ Mode = Literal["max", "min"]
 
 # Reported by the loop every epoch (all ranks agree on them: sums are all-reduced).
 TRAIN_LOSS = "train/loss"
+ALIGN_LOSS = "train/align_loss"  # domain adaptation: the epoch's mean alignment loss (MMD, CORAL or DANN)
 VAL_LOSS = "val/loss"
 VAL_ACC = "val/acc"
 VAL_ACC_PER_CLASS = "val/acc_per_class"  # a list: logged with the report, never a ranking key
@@ -59,6 +60,7 @@ class Split:
 
     VAL = "val"
     TEST = "test"
+    SOURCE_VAL = "val_source"  # domain adaptation: data.source_val_fraction of the labelled source domain
 
 
 class Twin:

@@ -138,6 +138,19 @@ class DataSpec(_Section):
         default="cpu",
         description="imagefolder only: nvjpeg = loader workers read file bytes, JPEGs decode and augment on the GPU",
     )
+    target_unlabelled: str | None = Field(
+        default=None,
+        description="domain adaptation: a folder or s3:// prefix of unlabelled target-domain images (any images "
+        "under it, recursively; no class folders), streamed beside every labelled batch; needs "
+        "strategy.domain_adaptation",
+    )
+    source_val_fraction: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="domain adaptation: a seeded per-class share of data.train (split_seed) held out and scored "
+        "every epoch as val_source/* (source-domain accuracy, beside data.val's target-domain val/*); null = none",
+    )
 
     @model_validator(mode="after")
     def _device_data_path(self) -> DataSpec:
@@ -175,6 +188,16 @@ class DataSpec(_Section):
             )
         if self.format == "shards" and self.decode != "cpu":
             raise ValueError("data.decode applies to data.format imagefolder (shards are already decoded)")
+        if self.target_unlabelled is not None and (self.format != "imagefolder" or self.decode != "cpu"):
+            raise ValueError(
+                "data.target_unlabelled streams target images through the CPU loaders: use data.format imagefolder "
+                "with data.decode cpu"
+            )
+        if self.source_val_fraction is not None and self.target_unlabelled is None:
+            raise ValueError(
+                "data.source_val_fraction scores the source domain of a domain adaptation run: set "
+                "data.target_unlabelled (and strategy.domain_adaptation), or drop data.source_val_fraction"
+            )
         return self
 
 
@@ -188,12 +211,51 @@ class LoraSpec(_Section):
         'pointwise convolutions) above freeze_depth; or fnmatch patterns over full module names ("*.qkv")',
     )
 
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _one_pattern(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) and v != "auto" else v  # "*.qkv" means ["*.qkv"]
+
     @field_validator("targets")
     @classmethod
     def _some_targets(cls, v: Literal["auto"] | list[str]) -> Literal["auto"] | list[str]:
         if isinstance(v, list) and not v:
             raise ValueError('list at least one module-name pattern (e.g. "*.qkv"), or use "auto"')
         return v
+
+
+class DomainAdaptationSpec(_Section):
+    method: Literal["dann", "mmd", "coral"] = Field(
+        description="feature alignment of source and target batches: dann = a domain discriminator behind gradient "
+        "reversal (Ganin & Lempitsky); mmd = multi-kernel MMD on the global batch (DAN); coral = covariance "
+        "distance on the global batch (Deep CORAL)"
+    )
+    weight: float = Field(default=1.0, ge=0.0, description="loss = CE + weight x ramp x alignment loss")
+    warmup_epochs: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="the alignment term ramps in linearly from 0 to its full weight over this many epochs (fractions "
+        "allowed; 0 = full from the first step). dann: the ramp scales the reversed gradient, so the "
+        "discriminator itself trains from the first step",
+    )
+    grl_gamma: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="dann: the gradient reversal coefficient follows 2 / (1 + exp(-gamma p)) - 1 over training "
+        "progress p = global_step / total steps (the papers' 10)",
+    )
+    discriminator_hidden: int = Field(
+        default=1024,
+        ge=1,
+        description="dann: hidden width of the 2-hidden-layer domain discriminator (the papers' 1024 for "
+        "ResNet-sized features; ~100 for features under 256)",
+    )
+    discriminator_lr_mult: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="dann: the discriminator's LR as a multiple of optim.lr x strategy.head_lr_mult (it starts from "
+        "random like the head), on the run's schedule",
+    )
 
 
 class StrategySpec(_Section):
@@ -215,6 +277,11 @@ class StrategySpec(_Section):
         default=None,
         description="parameter-efficient fine-tuning: LoRA adapters (peft) on the groups above freeze_depth, "
         "their base weights frozen, the head trained fully; checkpoints hold only what was trained",
+    )
+    domain_adaptation: DomainAdaptationSpec | None = Field(
+        default=None,
+        description="unsupervised domain adaptation: align the pooled features of data.train with those of "
+        "data.target_unlabelled (timm models only); null = off",
     )
 
     @model_validator(mode="after")
@@ -556,6 +623,16 @@ class JobSpec(_Section):
         if self.data.val is None and self.data.val_fraction is None:
             raise ValueError("data: set data.val (a folder) or data.val_fraction (e.g. 0.1)")
         self._check_packing()
+        if self.data.target_unlabelled is not None and self.strategy.domain_adaptation is None:
+            raise ValueError(
+                "data.target_unlabelled: target images are used only by strategy.domain_adaptation; set "
+                "strategy.domain_adaptation {method: dann | mmd | coral}, or drop data.target_unlabelled"
+            )
+        if self.strategy.domain_adaptation is not None and self.data.target_unlabelled is None:
+            raise ValueError(
+                "strategy.domain_adaptation needs unlabelled target-domain images: set data.target_unlabelled "
+                "(a folder or s3:// prefix of images), or drop strategy.domain_adaptation"
+            )
         if self.loop.mixes and self.scaling.batch_size_per_worker % 2:
             raise ValueError(
                 f"loop.mixup_alpha/cutmix_alpha mix each batch with its reverse (timm Mixup), which needs an even "
