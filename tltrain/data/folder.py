@@ -87,6 +87,42 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")  # .DS_Store, macOS ._* resource forks, .ipynb_checkpoints, ...
 
 
+def _walk_images(top: Path, skipped: list[tuple[str, str]]) -> list[str]:
+    """Image files under `top` in sorted walk order, hidden entries left out; other files are
+    appended to `skipped` with the reason."""
+    images: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for fname in sorted(filenames):
+            if _is_hidden(fname):
+                continue
+            path = os.path.join(dirpath, fname)
+            if os.path.splitext(fname)[1].lower() in IMAGE_EXTENSIONS:
+                images.append(path)
+            else:
+                skipped.append((path, "not an image file extension"))
+    return images
+
+
+def _readable(
+    paths: list[str], on_bad_image: Literal["error", "skip"], field_name: str, skipped: list[tuple[str, str]]
+) -> list[bool]:
+    """Whether each file decodes: a bad one raises DataError under "error", else joins `skipped`."""
+    # Threads overlap file I/O (network filesystems, cold caches); PIL's parsing holds the GIL.
+    # Chunks, because a future per file costs as much as the check itself.
+    chunks = [paths[i : i + 512] for i in range(0, len(paths), 512)]
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        reasons = [r for chunk in pool.map(lambda ps: [_check_image(p) for p in ps], chunks) for r in chunk]
+    for path, reason in zip(paths, reasons):
+        if reason is not None and on_bad_image == "error":
+            raise DataError(
+                f"{field_name}: {path}: {reason}; delete or replace the file, or set data.on_bad_image: skip"
+            )
+        if reason is not None:
+            skipped.append((path, reason))
+    return [reason is None for reason in reasons]
+
+
 def scan_image_folder(
     root: str,
     on_bad_image: Literal["error", "skip"] = "error",
@@ -116,36 +152,12 @@ def scan_image_folder(
     ]
     candidates: list[Sample] = []
     for label, name in enumerate(class_dirs):
-        n_before = len(candidates)
-        for dirpath, dirnames, filenames in os.walk(local / name):
-            dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-            for fname in sorted(filenames):
-                if _is_hidden(fname):
-                    continue
-                path = os.path.join(dirpath, fname)
-                if os.path.splitext(fname)[1].lower() in IMAGE_EXTENSIONS:
-                    candidates.append((path, label))
-                else:
-                    skipped.append((path, "not an image file extension"))
-        if len(candidates) == n_before:
+        images = _walk_images(local / name, skipped)
+        if not images:
             raise DataError(f"{field_name}: class folder {local / name} has no images; remove it or add images")
-
-    # Threads overlap file I/O (network filesystems, cold caches); PIL's parsing holds the GIL.
-    # Chunks, because a future per file costs as much as the check itself.
-    paths = [p for p, _ in candidates]
-    chunks = [paths[i : i + 512] for i in range(0, len(paths), 512)]
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        reasons = [r for chunk in pool.map(lambda ps: [_check_image(p) for p in ps], chunks) for r in chunk]
-    samples: list[Sample] = []
-    for (path, label), reason in zip(candidates, reasons):
-        if reason is None:
-            samples.append((path, label))
-        elif on_bad_image == "error":
-            raise DataError(
-                f"{field_name}: {path}: {reason}; delete or replace the file, or set data.on_bad_image: skip"
-            )
-        else:
-            skipped.append((path, reason))
+        candidates += [(path, label) for path in images]
+    readable = _readable([p for p, _ in candidates], on_bad_image, field_name, skipped)
+    samples = [s for s, ok in zip(candidates, readable) if ok]
     for label, name in enumerate(class_dirs):
         if not any(lbl == label for _, lbl in samples):
             raise DataError(
@@ -309,35 +321,14 @@ def scan_unlabelled(
         raise DataError(f"{field_name}: {err}") from None
     if not local.is_dir():
         raise DataError(f"{field_name}: folder {root} does not exist; point it at a folder of images")
-    candidates: list[str] = []
     skipped: list[tuple[str, str]] = []
-    for dirpath, dirnames, filenames in os.walk(local):
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        for fname in sorted(filenames):
-            if _is_hidden(fname):
-                continue
-            path = os.path.join(dirpath, fname)
-            if os.path.splitext(fname)[1].lower() in IMAGE_EXTENSIONS:
-                candidates.append(path)
-            else:
-                skipped.append((path, "not an image file extension"))
+    candidates = _walk_images(local, skipped)
     if not candidates:
         raise DataError(
             f"{field_name}: {root} holds no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}, searched recursively)"
         )
-    chunks = [candidates[i : i + 512] for i in range(0, len(candidates), 512)]
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        reasons = [r for chunk in pool.map(lambda ps: [_check_image(p) for p in ps], chunks) for r in chunk]
-    paths: list[str] = []
-    for path, reason in zip(candidates, reasons):
-        if reason is None:
-            paths.append(path)
-        elif on_bad_image == "error":
-            raise DataError(
-                f"{field_name}: {path}: {reason}; delete or replace the file, or set data.on_bad_image: skip"
-            )
-        else:
-            skipped.append((path, reason))
+    readable = _readable(candidates, on_bad_image, field_name, skipped)
+    paths = [p for p, ok in zip(candidates, readable) if ok]
     if not paths:
         raise DataError(f"{field_name}: none of the {len(candidates)} image files under {root} can be read")
     h = hashlib.sha256()

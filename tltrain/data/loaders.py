@@ -367,6 +367,5 @@ def build_target_loader(
     and per-image augmentation seeds (under its own seed stream, so target crops never repeat the
     source's), drop_last so every rank's batch has the same shape. The caller cycles it
     (core/domain.target_batches) with set_epoch keys of its own."""
-    check_batch(len(paths), world_size, batch_size)
     return build_train_loader([(p, -1) for p in paths], transform, batch_size, rank, world_size,
                               seed + 7919, workers)  # fmt: skip
