@@ -135,6 +135,11 @@ def test_lora_run_checkpoints_adapters_only_resumes_exactly_and_registers_merged
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])["labels"] == expected
+    # The version's lineage names the adapters it was merged from.
+    from tltrain.tracking.registry import show
+
+    shown = show(whole["registered_model"], tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert shown["lora"]["rank"] == 4 and shown["domain_adaptation"] is None and shown["target_unlabelled"] is None
 
     # Re-running the name with another adapter layout, or without LoRA, is refused before Ray: the
     # checkpoints fit only their own layout. A LoRA checkpoint's file is no source model.weights.

@@ -56,6 +56,18 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target_row(target: dict[str, Any] | None) -> str | None:
+    """The unlabelled target images a domain-adapted version was aligned to."""
+    return f"{target.get('num_files')} files, sha256 {target['sha256']}" if target else None
+
+
+def _settings_row(settings: Any) -> str | None:
+    """A strategy section's settings as k=v (a clipped tag arrives as its raw string)."""
+    if isinstance(settings, dict):
+        return ", ".join(f"{k}={v}" for k, v in sorted(settings.items()))
+    return settings
+
+
 def _format_show(d: dict[str, Any]) -> str:
     ds = d["dataset"]
     classes = ds["class_names"]
@@ -71,6 +83,9 @@ def _format_show(d: dict[str, Any]) -> str:
         ("dataset sha256", ds["sha256"]),
         ("dataset files", ds["num_files"]),
         ("classes", f"{len(classes)}: {', '.join(classes)}" if isinstance(classes, list) else classes),
+        ("target images", _target_row(d.get("target_unlabelled"))),
+        ("domain adaptation", _settings_row(d.get("domain_adaptation"))),
+        ("lora", _settings_row(d.get("lora"))),
         ("trial", d["trial"]),
         ("ray run", d["ray_run"]),
         ("mlflow run", d["run_id"]),

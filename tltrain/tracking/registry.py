@@ -203,8 +203,6 @@ def register_checkpoint(
             weights_file = _merged_lora_weights(local, meta, tmp / "merged")
 
         version_tags: dict[str, Any] = lineage_tags(meta)
-        if lora:
-            version_tags["lora"] = json.dumps(lora, sort_keys=True)
         own_run = run_id is None
         if run_id is None:
             exp_name = experiment or (meta.spec.get("tracking") or {}).get("experiment") or DEFAULT_EXPERIMENT
@@ -346,6 +344,12 @@ def show(ref: str, *, tracking_uri: str | None = None) -> dict[str, Any]:
             "num_files": t.get("dataset_num_files"),
             "class_names": _json_tag(t, "dataset_class_names"),
         },
+        # Under domain adaptation: the unlabelled target images the features were aligned to.
+        "target_unlabelled": {"sha256": t["target_sha256"], "num_files": t.get("target_num_files")}
+        if "target_sha256" in t
+        else None,
+        "lora": _json_tag(t, "lora"),
+        "domain_adaptation": _json_tag(t, "domain_adaptation"),
         "trial": t.get("trial"),
         "ray_run": t.get("ray_run"),
         "epoch": t.get("epoch"),

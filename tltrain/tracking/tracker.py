@@ -54,7 +54,8 @@ DEFAULT_TRACKING_DB = f"{DEFAULT_STORE_DIR}/mlflow.db"
 # Tags that describe where a model came from; registry copies them from a run onto model versions.
 LINEAGE_TAG_KEYS = (
     "source_weights_uri", "source_weights_sha256", "dataset_sha256", "dataset_num_files",
-    "dataset_num_classes", "dataset_class_names", "tltrain_version", "git_commit", "trial", "ray_run",
+    "dataset_num_classes", "dataset_class_names", "target_sha256", "target_num_files", "lora",
+    "domain_adaptation", "tltrain_version", "git_commit", "trial", "ray_run",
 )  # fmt: skip
 
 # Spec sections that may carry secrets (e.g. a future runtime env for workers): never logged.
@@ -180,15 +181,23 @@ def lineage_tags(
     source_weights_sha256: str | None = None,
 ) -> dict[str, str]:
     """Lineage tags (keys in LINEAGE_TAG_KEYS) from a checkpoint's meta or a resolved spec dict,
-    plus the dataset fingerprint ({class_names, num_files, sha256}) from data.plan_dataset."""
+    plus the dataset fingerprint ({class_names, num_files, sha256}, and the unlabelled target
+    images' {num_files, sha256} under domain adaptation) from execution.preflight. The transfer
+    strategies that change what the weights are (LoRA's settings, the domain-adaptation method)
+    are tags too, so a registry reader sees them without parsing the spec."""
     tags: dict[str, Any] = {"tltrain_version": __version__}
     if isinstance(source, CheckpointMeta):
         tags["tltrain_version"] = source.tltrain_version or __version__
         tags["source_weights_uri"] = source.source_weights_uri
         tags["source_weights_sha256"] = source.source_weights_sha256
         fingerprint = fingerprint or source.dataset_fingerprint
+        strategy = source.spec.get("strategy") or {}
     else:
         tags["source_weights_uri"] = source["model"]["weights"]
+        strategy = source.get("strategy") or {}
+    for key in ("lora", "domain_adaptation"):
+        if strategy.get(key):
+            tags[key] = json.dumps(strategy[key], sort_keys=True)
     if source_weights_uri:  # e.g. the resolved URI when the spec said "hub"
         tags["source_weights_uri"] = source_weights_uri
     if source_weights_sha256:
@@ -199,6 +208,9 @@ def lineage_tags(
         names = fingerprint.get("class_names") or []
         tags["dataset_num_classes"] = len(names)
         tags["dataset_class_names"] = json.dumps(names)
+        target = fingerprint.get("target_unlabelled") or {}
+        tags["target_sha256"] = target.get("sha256")
+        tags["target_num_files"] = target.get("num_files")
     tags.update(trial=trial, ray_run=ray_run, git_commit=git_commit)
     return {k: _clip(redact(str(v)), MAX_TAG_VAL_LENGTH) for k, v in tags.items() if v is not None}
 
