@@ -26,7 +26,7 @@ from tltrain.core.live import LiveSteps
 from tltrain.reports.progress import Progress
 from tltrain.reports.sweep import standing
 from tltrain.spec.load import parse_spec
-from tltrain.spec.metrics import IMG_PER_S, TRAIN_LOSS, VAL_ACC, VAL_LOSS
+from tltrain.spec.metrics import ALIGN_LOSS, IMG_PER_S, TRAIN_LOSS, VAL_ACC, VAL_LOSS
 
 # The lines a plain run printed before this issue (its text lists them), and where each came from.
 NOISE = {
@@ -91,6 +91,17 @@ def test_a_log_file_gets_a_plain_line_every_tenth_of_an_epoch(tmp_path: Path) ->
     assert "\r" not in out.getvalue()
     assert lines[0].strip().startswith("epoch 1/2  step 5/50 (10%)")
     assert re.search(r"img/s  loss 2\.0000  data-wait 0%  ETA epoch \d+m\d\ds, run \d+m\d\ds$", lines[0])
+
+
+def test_a_domain_adaptation_epoch_line_shows_the_alignment_loss_and_source_accuracy(tmp_path: Path) -> None:
+    out = io.StringIO()
+    Progress(_spec(tmp_path), out).line(_epoch_metrics(1) | {ALIGN_LOSS: 0.25, "val_source/acc": 0.75})
+    line = out.getvalue()
+    assert "train/loss 1.0000  train/align_loss 0.2500  val/loss" in line
+    assert "val/acc 0.5000 (best 0.5000)  val_source/acc 0.7500  10 img/s" in line
+    plain = io.StringIO()
+    Progress(_spec(tmp_path), plain).line(_epoch_metrics(1))
+    assert "align" not in plain.getvalue() and "val_source" not in plain.getvalue()
 
 
 def test_a_terminal_gets_one_line_refreshed_in_place(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Domain adaptation end to end: on Fashion-MNIST with an inverted target domain, aligning the pooled
 features with unlabelled target images beats the source-only run of the same budget on labelled
 target images; the refusals before Ray; a resumed DANN run continues its discriminator exactly; and
-one `tltrain train` on a local 2-worker Ray (gloo, the MMD all-gather across ranks)."""
+a `tltrain tune` over the method whose trials run on a local 2-worker Ray (gloo, the MMD all-gather
+across ranks, DANN's discriminator under DDP)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from tltrain.execution.preflight import build_plan
 from tltrain.spec.load import parse_spec
 from tltrain.spec.metrics import ALIGN_LOSS, VAL_ACC, Split, split_metric
 from tltrain.spec.schema import SpecError
-from tltrain.tracking.tracker import flatten_spec
+from tltrain.tracking.tracker import flatten_spec, lineage_tags
 
 # One intra-op thread: on 2 shared cores a second one mostly spins (and these runs are small).
 torch.set_num_threads(1)
@@ -36,7 +37,7 @@ BATCH = 32
 @pytest.fixture(scope="module")
 def shift_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
     """(source train, unlabelled target, target val): 100 + 100 per class, 50 val per class, inverted."""
-    return materialize_fashion_shift(str(tmp_path_factory.mktemp("shift")), 100, 100, 50, seed=0, shift="invert")
+    return materialize_fashion_shift(str(tmp_path_factory.mktemp("shift")), 100, 100, 50, seed=0, shift="invert")[:3]
 
 
 def _tree(folders: tuple[str, str, str], tmp: Path, *, method: str | None, seed: int = 0, epochs: int = 4,
@@ -134,12 +135,60 @@ def test_resume_continues_the_discriminator_exactly(shift_folders: tuple[str, st
     torch.testing.assert_close(weights[1], weights[0])
     assert again[-1][ALIGN_LOSS] == pytest.approx(reports[-1][ALIGN_LOSS])
 
+    # Re-running the name with DANN turned off, or another discriminator width: a DANN checkpoint
+    # fits only the same DANN (its optimizer has the discriminator's param group); refused before
+    # Ray, naming the field.
+    stored = "checkpoint_2026-01-01_00-00-00.000000"
+    shutil.copytree(straight / "epoch2", tmp_path / "runs" / "da" / stored)
+    for method in ("mmd", None):
+        with pytest.raises(SpecError, match=r"strategy\.domain_adaptation: da exists in storage .* trained with dann"):
+            build_plan(parse_spec(_tree(shift_folders, tmp_path, method=method, epochs=2)))
+    wider = tree(2)
+    wider["strategy"]["domain_adaptation"]["discriminator_hidden"] = 32
+    with pytest.raises(SpecError, match=r"strategy\.domain_adaptation\.discriminator_hidden: da exists .* 16-wide"):
+        build_plan(parse_spec(wider))
+    build_plan(parse_spec(tree(2)))
+
+
+def test_a_source_only_run_reports_source_accuracy_and_resumes_only_without_dann(
+    shift_folders: tuple[str, str, str], tmp_path: Path
+) -> None:
+    """The baseline of a domain-adaptation table scores the same held-out source images; its
+    checkpoint has no discriminator, so resuming it under dann is refused before Ray (mmd may)."""
+    plain = _tree(shift_folders, tmp_path, method=None, epochs=1)
+    plain["loop"]["max_steps_per_epoch"] = 2
+    plain["data"]["source_val_fraction"] = 0.1
+    kept = tmp_path / "kept"
+    report = _train_in_process(plain, keep=kept)[-1]
+    assert 0.0 <= report[split_metric(Split.SOURCE_VAL, VAL_ACC)] <= 1.0 and ALIGN_LOSS not in report
+    shutil.copytree(kept / "epoch1", tmp_path / "runs" / "da" / "checkpoint_2026-01-01_00-00-00.000000")
+    with pytest.raises(SpecError, match=r"strategy\.domain_adaptation: da exists .* no domain adaptation; .* lacks"):
+        build_plan(parse_spec(_tree(shift_folders, tmp_path, method="dann", epochs=1)))
+    build_plan(parse_spec(_tree(shift_folders, tmp_path, method="mmd", epochs=1)))
+
+
+def test_a_source_only_baseline_scores_the_source_domain_too(shift_folders: tuple[str, str, str],
+                                                            tmp_path: Path) -> None:  # fmt: skip
+    """The baseline of a domain-adaptation table reports the same two numbers as the adapted run:
+    the same seeded share of data.train held out as val_source/*, no target images anywhere."""
+    tree = _tree(shift_folders, tmp_path, method=None)
+    tree["data"]["source_val_fraction"] = 0.1
+    plan = build_plan(parse_spec(tree))
+    adapted = _tree(shift_folders, tmp_path, method="mmd")
+    adapted["data"]["source_val_fraction"] = 0.1
+    assert plan.source_val == build_plan(parse_spec(adapted)).source_val
+    assert len(plan.source_val) == 100 and len(plan.train) == 900 and not plan.target
+    assert not {p for p, _ in plan.source_val} & {p for p, _ in plan.train}
+
 
 @pytest.mark.parametrize(
     ("change", "field"),
     [
         (lambda t: t["data"].update(target_unlabelled="/x"), "data.target_unlabelled"),
         (lambda t: t.update(strategy={"domain_adaptation": {"method": "mmd"}}), "data.target_unlabelled"),
+        # data.val_fraction already scores the training domain: a second share of it says nothing new.
+        (lambda t: t["data"].update(val=None, val_fraction=0.2, source_val_fraction=0.1), "data.source_val_fraction"),
+        (lambda t: t["data"].update(source_val_fraction=0.1, decode="nvjpeg"), "data.source_val_fraction"),
     ],
 )
 def test_one_without_the_other_is_refused(shift_folders: tuple[str, str, str], tmp_path: Path, change: Any,
@@ -190,20 +239,59 @@ def test_the_spec_s_domain_fields_reach_mlflow_params(shift_folders: tuple[str, 
 
 
 @pytest.mark.integration
-def test_tltrain_train_adapts_on_two_ray_workers(shift_folders: tuple[str, str, str], tmp_path: Path) -> None:
-    tree = _tree(shift_folders, tmp_path, method="mmd", epochs=1)
-    tree["name"] = "da-ray"
+def test_tltrain_tune_searches_the_method_on_two_ray_workers(
+    shift_folders: tuple[str, str, str], tmp_path: Path
+) -> None:
+    """`tltrain tune` over strategy.domain_adaptation.{method, weight}: each trial a 2-worker DDP
+    run on a local Ray (gloo; MMD's all-gather across ranks, DANN's discriminator in DDP)."""
+    tree = _tree(shift_folders, tmp_path, method="mmd", epochs=1, discriminator_hidden=16)
+    tree["name"] = "da-sweep"
     tree["data"]["source_val_fraction"] = 0.1
     tree["loop"]["max_steps_per_epoch"] = 4
     tree["scaling"] = {"num_workers": 2, "batch_size_per_worker": 16, "address": "local"}
+    tree["tune"] = {
+        "num_samples": 2,
+        "seed": 1,  # draws both methods
+        "scheduler": {"kind": "fifo"},
+        "space": {
+            "strategy.domain_adaptation.method": {"choice": ["mmd", "dann"]},
+            "strategy.domain_adaptation.weight": {"loguniform": [0.1, 3.0]},
+        },
+    }
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(tree))
-    res = subprocess.run([sys.executable, "-m", "tltrain.cli", "train", str(spec_path), "--json"], cwd=tmp_path,
+    res = subprocess.run([sys.executable, "-m", "tltrain.cli", "tune", str(spec_path), "--json"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    assert summary["epochs_completed"] == 1
-    meta = load_meta(summary["best_checkpoint"])
-    assert meta.metrics[ALIGN_LOSS] > 0 and split_metric(Split.SOURCE_VAL, VAL_ACC) in meta.metrics
-    assert meta.dataset_fingerprint is not None
-    assert meta.dataset_fingerprint["target_unlabelled"]["num_files"] == 1000
+    trials = summary["trials"]
+    assert sorted(t["config"]["strategy.domain_adaptation.method"] for t in trials) == ["dann", "mmd"], trials
+    for trial in trials:
+        meta = load_meta(trial["best_checkpoint"])
+        method = meta.spec["strategy"]["domain_adaptation"]["method"]
+        assert method == trial["config"]["strategy.domain_adaptation.method"] and meta.epoch == 1
+        assert meta.metrics[ALIGN_LOSS] > 0 and split_metric(Split.SOURCE_VAL, VAL_ACC) in meta.metrics
+        state = load_train_state(trial["best_checkpoint"])
+        assert state is not None and (DISCRIMINATOR_STATE in state) == (method == "dann"), method
+        assert meta.dataset_fingerprint is not None
+        assert meta.dataset_fingerprint["target_unlabelled"]["num_files"] == 1000
+        # The registry's version tags come from this meta: the target images and the method are lineage.
+        tags = lineage_tags(meta)
+        assert tags["target_num_files"] == "1000"
+        assert tags["target_sha256"] == meta.dataset_fingerprint["target_unlabelled"]["sha256"]
+        assert json.loads(tags["domain_adaptation"])["method"] == method and "lora" not in tags
+
+
+def test_the_held_out_target_test_split_leaves_val_as_it_was(tmp_path: Path) -> None:
+    """`test_per_class` adds target_test/ from t10k images val did not take; val stays the same files."""
+    without = materialize_fashion_shift(str(tmp_path / "a"), 2, 2, 3, seed=0)
+    source, target, val, test = materialize_fashion_shift(str(tmp_path / "b"), 2, 2, 3, seed=0, test_per_class=4)
+    assert without[3] is None and test is not None
+
+    def files(root: str) -> set[str]:
+        return {str(p.relative_to(root)) for p in Path(root).rglob("*.png")}
+
+    assert files(val) == files(without[2]) and len(files(val)) == 30
+    assert files(source) == files(without[0]) and files(target) == files(without[1])
+    assert len(files(test)) == 40 and all(len(list(d.iterdir())) == 4 for d in Path(test).iterdir())
+    assert not {Path(f).name for f in files(test)} & {Path(f).name for f in files(val)}  # t10k indices

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from tltrain import storage
 from tltrain.spec.load import apply_overrides, parse_spec
-from tltrain.spec.schema import DEFAULT_STORE_DIR
+from tltrain.spec.schema import DEFAULT_STORE_DIR, SpecError
 
 STORE_DIR = f"{DEFAULT_STORE_DIR}/store"
 
@@ -66,6 +66,30 @@ DATASETS: dict[str, DemoData] = {
 }  # fmt: skip
 
 
+# Prepare-only: the domain-adaptation task jobs/domain-fashion.yaml trains on (Fashion-MNIST as the
+# labelled source, an inverted copy as the target: 100 unlabelled and 20 val + 50 held-out test
+# labelled images per class). A compare of scratch/probe/fine-tune says nothing about it.
+DOMAIN_SHIFT = "fashion-shift"
+
+
+def prepare_domain_shift(store_dir: str) -> dict[str, str]:
+    """Lay out the inverted Fashion-MNIST task under the store (idempotent)."""
+    from tltrain.data.packaged import materialize_fashion_shift
+
+    out = Path(store_dir).expanduser() / "datasets" / "fashion-shift-invert"
+    dirs = materialize_fashion_shift(str(out), 100, 100, 20, seed=0, shift="invert", test_per_class=50)
+    return {k: v for k, v in zip(("source_train", "target_unlabelled", "target_val", "target_test"), dirs) if v}
+
+
+def prepare_weights(store_dir: str) -> dict[str, str]:
+    """Put the packaged Lite0/1/2 ImageNet weights into the local object store (idempotent):
+    {model name: URI}. Lite1/2 are rank candidates (jobs/rank-*.yaml); Lite0 the demo's."""
+    for model_name in PACKAGED_WEIGHTS:
+        if not Path(store_weights_uri(store_dir, model_name)).is_file():
+            storage.upload_file(str(packaged_weights(model_name)), store_weights_uri(store_dir, model_name))
+    return {m: store_weights_uri(store_dir, m) for m in PACKAGED_WEIGHTS}
+
+
 def prepare_store(
     store_dir: str, train_per_class: int, test_per_class: int, dataset: str = "fashion-mnist"
 ) -> dict[str, str]:
@@ -73,10 +97,7 @@ def prepare_store(
     from tltrain.data.packaged import materialize_digits, materialize_fashion_mnist
 
     root = Path(store_dir).expanduser()
-    for model_name in PACKAGED_WEIGHTS:  # Lite1/2 are rank candidates (jobs/rank-*.yaml); Lite0 the demo's
-        if not Path(store_weights_uri(store_dir, model_name)).is_file():
-            storage.upload_file(str(packaged_weights(model_name)), store_weights_uri(store_dir, model_name))
-    weights_uri = store_weights_uri(store_dir, "tf_efficientnet_lite0")
+    weights_uri = prepare_weights(store_dir)["tf_efficientnet_lite0"]
     data_root = str(root / "datasets" / f"{dataset}-{train_per_class}x{test_per_class}")
     if dataset == "digits":
         train, test = materialize_digits(data_root, train_per_class, test_per_class, seed=0)
@@ -150,14 +171,21 @@ def run_demo(
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
-    if args.prepare_only:
+    if args.data == DOMAIN_SHIFT and not args.prepare_only:
+        raise SpecError(
+            f"--data {DOMAIN_SHIFT}: only with --prepare-only; then `tltrain train jobs/domain-fashion.yaml`"
+        )
+    if not args.prepare_only:
+        return run_demo(args.set, quick=args.quick, dataset=args.data)
+    if args.data == DOMAIN_SHIFT:
+        paths = prepare_domain_shift(STORE_DIR)
+    else:
         data = DATASETS[args.data]
         paths = prepare_store(STORE_DIR, *(data.quick_per_class if args.quick else data.per_class), dataset=args.data)
-        paths |= {m: store_weights_uri(STORE_DIR, m) for m in PACKAGED_WEIGHTS}
-        for what, where in paths.items():
-            print(f"{what}: {where}", file=sys.stderr if args.json else sys.stdout)
-        return paths
-    return run_demo(args.set, quick=args.quick, dataset=args.data)
+    paths |= prepare_weights(STORE_DIR)
+    for what, where in paths.items():
+        print(f"{what}: {where}", file=sys.stderr if args.json else sys.stdout)
+    return paths
 
 
 def add_commands(sub: Any) -> None:
@@ -167,7 +195,8 @@ def add_commands(sub: Any) -> None:
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override the demo spec")
     p.add_argument("--quick", action="store_true", help="a one-minute smoke version")
-    p.add_argument("--data", choices=sorted(DATASETS), default="fashion-mnist", help="the packaged dataset")
+    p.add_argument("--data", choices=[*sorted(DATASETS), DOMAIN_SHIFT], default="fashion-mnist",
+                   help=f"the packaged dataset ({DOMAIN_SHIFT}: the domain-adaptation task, with --prepare-only)")  # fmt: skip
     p.add_argument(
         "--prepare-only",
         action="store_true",

@@ -194,11 +194,8 @@ def train(
     if resume is not None:
         if resume.train_state is not None:
             if domain is not None and domain.discriminator is not None:
-                if DISCRIMINATOR_STATE not in resume.train_state:
-                    raise RuntimeError(
-                        f"{spec.name}'s checkpoint holds no DANN discriminator (it was trained without "
-                        "strategy.domain_adaptation method dann); start a new run: --set name=<new name>"
-                    )
+                if DISCRIMINATOR_STATE not in resume.train_state:  # preflight's _check_dann_resume refuses this first
+                    raise RuntimeError(f"{spec.name}'s checkpoint holds no DANN discriminator")
                 domain.discriminator.load_state_dict(resume.train_state[DISCRIMINATOR_STATE])
             optimizer.load_state_dict(resume.train_state["optimizer"])
             scheduler.load_state_dict(resume.train_state["scheduler"])

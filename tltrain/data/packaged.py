@@ -2,7 +2,7 @@
 
 They give the demo, the examples and the tests real images without network access:
 `<out_dir>/train/<class>/<index>.png` and `<out_dir>/val/<class>/<index>.png` (and, for domain
-adaptation, `materialize_fashion_shift`'s source / unlabelled target / target val trees).
+adaptation, `materialize_fashion_shift`'s source / unlabelled target / target val / target test trees).
 """
 
 from __future__ import annotations
@@ -168,23 +168,30 @@ def materialize_fashion_shift(
     val_per_class: int,
     seed: int = 0,
     shift: str = "invert",
-) -> tuple[str, str, str]:
+    test_per_class: int = 0,
+) -> tuple[str, str, str, str | None]:
     """A domain-shift task from Fashion-MNIST: labelled source images (`source_train/<class>/`),
     unlabelled target images (`target_unlabelled/`, a flat folder: no labels anywhere in it) and
     labelled target images for validation (`target_val/<class>/`), the target ones `shift`ed.
     Source and target train images are disjoint picks of the train file; target val comes from
-    the t10k file. Returns (source_train_dir, target_unlabelled_dir, target_val_dir)."""
+    the t10k file, and with `test_per_class` a held-out `target_test/<class>/` too (other t10k
+    images than val's; the val picks are the same with or without it).
+    Returns (source_train_dir, target_unlabelled_dir, target_val_dir, target_test_dir or None)."""
     _shift(np.zeros((1, 2, 2), np.uint8), shift)  # refuse an unknown shift before writing anything
     files = _fashion_files()
     out = Path(out_dir).expanduser().absolute()
     dirs = out / "source_train", out / "target_unlabelled", out / "target_val"
+    test_dir = out / "target_test"
     params = {"dataset": "fashion-mnist-shift", "shift": shift, "train_per_class": train_per_class,
               "target_per_class": target_per_class, "val_per_class": val_per_class, "seed": seed}  # fmt: skip
+    if test_per_class:
+        params["test_per_class"] = test_per_class
     marker = out / _MARKER
+    made = (str(dirs[0]), str(dirs[1]), str(dirs[2]), str(test_dir) if test_per_class else None)
     if marker.is_file() and json.loads(marker.read_text()) == params:
-        return tuple(str(d) for d in dirs)  # type: ignore[return-value]
+        return made
     marker.unlink(missing_ok=True)
-    for d in dirs:
+    for d in (*dirs, test_dir):
         shutil.rmtree(d, ignore_errors=True)
     rng = np.random.default_rng(seed)
     images, labels = _read_idx(files["train"][0]), _read_idx(files["train"][1])
@@ -199,8 +206,14 @@ def materialize_fashion_shift(
         Image.fromarray(image).save(dirs[1] / f"{i:05d}.png", compress_level=1)
     val_images, val_labels = _read_idx(files["t10k"][0]), _read_idx(files["t10k"][1])
     val = _pick_per_class(val_labels, val_per_class, rng)
+    if test_per_class:  # drawn after val, from the t10k images val did not take
+        rest = np.setdiff1d(np.arange(len(val_labels)), val)
+        test = np.sort(rest[_pick_per_class(val_labels[rest], test_per_class, rng)])
     val_images = val_images.copy()
     val_images[val] = _shift(val_images[val], shift)
     _write_split(val_images, val_labels, val, FASHION_MNIST_CLASSES, dirs[2])
+    if test_per_class:
+        val_images[test] = _shift(val_images[test], shift)
+        _write_split(val_images, val_labels, test, FASHION_MNIST_CLASSES, test_dir)
     marker.write_text(json.dumps(params))
-    return tuple(str(d) for d in dirs)  # type: ignore[return-value]
+    return made

@@ -117,6 +117,34 @@ def _check_resume(spec: JobSpec) -> None:
                 f"model.weights={uri}/{MODEL_FILE} (the new run warms up and decays over its own epochs)"
             )
         )
+    _check_dann_resume(spec, uri, meta)
+
+
+def _check_dann_resume(spec: JobSpec, uri: str, meta: CheckpointMeta) -> None:
+    """DANN's discriminator lives in the optimizer (its own param group) and in train_state.pt: a
+    checkpoint with one resumes only under dann with the same discriminator width, one without only
+    without dann (no adaptation, mmd and coral hold no extra state and may swap)."""
+    old = (meta.spec.get("strategy") or {}).get("domain_adaptation") or {}
+    da = spec.strategy.domain_adaptation
+    was_dann, is_dann = old.get("method") == "dann", da is not None and da.method == "dann"
+    keep = f"keep strategy.domain_adaptation as it was ({old or 'none'}) to resume, or start a new run: --set name={spec.name}-v2"
+    if was_dann and not is_dann:
+        raise SpecError(
+            f"strategy.domain_adaptation: {spec.name} exists in storage ({uri}) trained with dann; its optimizer "
+            f"state holds a DANN discriminator, which resuming under {da.method if da else 'no domain adaptation'} "
+            f"cannot use: {keep}"
+        )
+    if is_dann and not was_dann:
+        raise SpecError(
+            f"strategy.domain_adaptation: {spec.name} exists in storage ({uri}) trained with "
+            f"{old.get('method') or 'no domain adaptation'}; its optimizer state lacks the DANN discriminator dann "
+            f"needs: {keep}"
+        )
+    if is_dann and da is not None and old.get("discriminator_hidden") != da.discriminator_hidden:
+        raise SpecError(
+            f"strategy.domain_adaptation.discriminator_hidden: {spec.name} exists in storage ({uri}) with a "
+            f"{old.get('discriminator_hidden')}-wide DANN discriminator; {da.discriminator_hidden} cannot load it: {keep}"
+        )
 
 
 def scan_dataset(spec: JobSpec) -> DatasetPlan:
@@ -153,10 +181,10 @@ def build_plan(spec: JobSpec) -> TrainPlan:
     fingerprint = dict(dataset.fingerprint)
     if target is not None:
         fingerprint["target_unlabelled"] = target.fingerprint  # lineage of the target images too
-        if spec.data.source_val_fraction is not None:
-            source_val, train = hold_out(train, dataset.class_names, spec.data.source_val_fraction,
-                                         spec.data.split_seed, "source_val")  # fmt: skip
-            check_spec_batch(len(train), spec)
+    if spec.data.source_val_fraction is not None:
+        source_val, train = hold_out(train, dataset.class_names, spec.data.source_val_fraction,
+                                     spec.data.split_seed, "source_val")  # fmt: skip
+        check_spec_batch(len(train), spec)
     if not lora_modules:
         apply_freeze(probe, groups, resolve_freeze_depth(spec.strategy.freeze_depth, groups))
     return TrainPlan(

@@ -166,24 +166,27 @@ def _build_loaders(spec: JobSpec, plan: TrainPlan, rank: int, world_size: int, d
     return train_loader, val_loader
 
 
-def _build_domain_loaders(spec: JobSpec, plan: TrainPlan, rank: int, world_size: int) -> tuple[Any, Any]:
+def _build_target_loader(spec: JobSpec, plan: TrainPlan, rank: int, world_size: int) -> Any:
     """strategy.domain_adaptation: this rank's target stream (the training augmentation, so the
-    alignment compares the two domains under one pipeline and cannot key on augmentation) and the
-    source-domain val loader (None without data.source_val_fraction)."""
+    alignment compares the two domains under one pipeline and cannot key on augmentation)."""
     if spec.strategy.domain_adaptation is None or spec.data.target_unlabelled is None:
-        return None, None
-    batch, workers = spec.scaling.batch_size_per_worker, spec.data.loader_workers
+        return None
     target_root = storage.localize(spec.data.target_unlabelled, spec.data.cache_dir)
     target = [p for p, _ in rebase([(p, 0) for p in plan.target], plan.target_root, target_root)]
-    target_loader = build_target_loader(
-        target, build_transform(plan.data_config, True, spec.data), batch, rank, world_size, spec.loop.seed, workers
-    )
+    train_tf = build_transform(plan.data_config, True, spec.data)
+    batch, workers = spec.scaling.batch_size_per_worker, spec.data.loader_workers
+    return build_target_loader(target, train_tf, batch, rank, world_size, spec.loop.seed, workers)
+
+
+def _build_source_val_loader(spec: JobSpec, plan: TrainPlan, rank: int, world_size: int) -> Any:
+    """data.source_val_fraction: the source-domain val split held out of data.train (None without)."""
     if not plan.source_val:
-        return target_loader, None
+        return None
     train_root = storage.localize(spec.data.train, spec.data.cache_dir)
     source_val = rebase(plan.source_val, plan.train_root, train_root)
     eval_tf = build_transform(plan.data_config, False)
-    return target_loader, build_eval_loader(source_val, eval_tf, batch, rank, world_size, workers)
+    batch, workers = spec.scaling.batch_size_per_worker, spec.data.loader_workers
+    return build_eval_loader(source_val, eval_tf, batch, rank, world_size, workers)
 
 
 def worker_fn(config: dict[str, Any]) -> None:
@@ -222,7 +225,8 @@ def worker_fn(config: dict[str, Any]) -> None:
     resume, rejected = _restore(model, spec, rank)
     model.to(device)
     train_loader, val_loader = _build_loaders(spec, plan, rank, world_size, device)
-    target_loader, source_val_loader = _build_domain_loaders(spec, plan, rank, world_size)
+    target_loader = _build_target_loader(spec, plan, rank, world_size)
+    source_val_loader = _build_source_val_loader(spec, plan, rank, world_size)
     meta = CheckpointMeta(
         spec=spec.to_dict(),
         class_names=plan.class_names,

@@ -8,6 +8,7 @@ from typing import Any, TextIO
 from tltrain.core.live import tenth
 from tltrain.core.plan import TrainPlan
 from tltrain.spec.metrics import (
+    ALIGN_LOSS,
     DATA_WAIT_FRAC,
     EXPORTED,
     IMG_PER_S,
@@ -126,6 +127,12 @@ class Progress:
             f"{metrics[IMG_PER_S]:.0f} img/s",
             f"ETA {_fmt_duration(eta)}",
         ]
+        # Domain adaptation: the source domain's score beside the target's, so the trade shows.
+        source_key = split_metric(Split.SOURCE_VAL, key)
+        if source_key in metrics:
+            parts.insert(4, f"{source_key} {metrics[source_key]:.4f}")
+        if ALIGN_LOSS in metrics:
+            parts.insert(2, f"{ALIGN_LOSS} {metrics[ALIGN_LOSS]:.4f}")
         if metrics.get(EXPORTED) is not None:  # loop.ema_decay on: which twin this checkpoint exports
             parts.append(f"exports {metrics[EXPORTED]}")
         if metrics.get("diverged"):

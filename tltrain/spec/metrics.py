@@ -60,7 +60,7 @@ class Split:
 
     VAL = "val"
     TEST = "test"
-    SOURCE_VAL = "val_source"  # domain adaptation: data.source_val_fraction of the labelled source domain
+    SOURCE_VAL = "val_source"  # data.source_val_fraction: a held-out share of the labelled source domain
 
 
 class Twin:

@@ -148,8 +148,9 @@ class DataSpec(_Section):
         default=None,
         gt=0.0,
         lt=1.0,
-        description="domain adaptation: a seeded per-class share of data.train (split_seed) held out and scored "
-        "every epoch as val_source/* (source-domain accuracy, beside data.val's target-domain val/*); null = none",
+        description="a seeded per-class share of data.train (split_seed) held out and scored every epoch as "
+        "val_source/* (source-domain accuracy, beside data.val's target-domain val/*; needs data.val): domain "
+        "adaptation runs and their source-only baselines report the same two numbers; null = none",
     )
 
     @model_validator(mode="after")
@@ -188,15 +189,17 @@ class DataSpec(_Section):
             )
         if self.format == "shards" and self.decode != "cpu":
             raise ValueError("data.decode applies to data.format imagefolder (shards are already decoded)")
-        if self.target_unlabelled is not None and (self.format != "imagefolder" or self.decode != "cpu"):
+        for name in ("target_unlabelled", "source_val_fraction"):
+            if getattr(self, name) is not None and (self.format != "imagefolder" or self.decode != "cpu"):
+                what = "streams target images" if name == "target_unlabelled" else "scores its share of data.train"
+                raise ValueError(
+                    f"data.{name} {what} through the CPU loaders: use data.format imagefolder with data.decode cpu"
+                )
+        if self.source_val_fraction is not None and self.val is None:
             raise ValueError(
-                "data.target_unlabelled streams target images through the CPU loaders: use data.format imagefolder "
-                "with data.decode cpu"
-            )
-        if self.source_val_fraction is not None and self.target_unlabelled is None:
-            raise ValueError(
-                "data.source_val_fraction scores the source domain of a domain adaptation run: set "
-                "data.target_unlabelled (and strategy.domain_adaptation), or drop data.source_val_fraction"
+                "data.source_val_fraction scores a share of data.train beside data.val, another domain's labelled "
+                "images: set data.val (e.g. labelled target-domain images), or drop data.source_val_fraction "
+                "(data.val_fraction already scores the training domain)"
             )
         return self
 
