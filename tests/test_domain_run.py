@@ -295,3 +295,19 @@ def test_the_held_out_target_test_split_leaves_val_as_it_was(tmp_path: Path) -> 
     assert files(source) == files(without[0]) and files(target) == files(without[1])
     assert len(files(test)) == 40 and all(len(list(d.iterdir())) == 4 for d in Path(test).iterdir())
     assert not {Path(f).name for f in files(test)} & {Path(f).name for f in files(val)}  # t10k indices
+
+
+def test_compare_s_baselines_are_source_only(shift_folders: tuple[str, str, str], tmp_path: Path) -> None:
+    """`tltrain compare` on a domain-adaptation spec: the recipe rung adapts, the baselines are
+    source-only, and every rung scores the same source-domain share."""
+    from tltrain.spec.rungs import RECIPE, rung_specs
+
+    tree = _tree(shift_folders, tmp_path, method="mmd")
+    tree["model"]["weights"] = "hub"  # compare needs source weights; the rungs are only parsed here
+    tree["data"]["source_val_fraction"] = 0.1
+    rungs = rung_specs(parse_spec(tree))
+    assert rungs[RECIPE].strategy.domain_adaptation is not None
+    for rung, spec in rungs.items():
+        assert spec.data.source_val_fraction == 0.1
+        if rung != RECIPE:
+            assert spec.strategy.domain_adaptation is None and spec.data.target_unlabelled is None, rung

@@ -40,6 +40,10 @@ _PLAIN = {
     "strategy.unfreeze": {},
     "strategy.group_granularity": "coarse",
     "strategy.lora": None,  # no adapters: scratch and fine-tune train every weight, the probe its head
+    # Source-only baselines: no target images (data.source_val_fraction, if set, still scores the
+    # source domain, so every rung reports both domains).
+    "strategy.domain_adaptation": None,
+    "data.target_unlabelled": None,
     "tracking.registry_name": None,
 }
 
