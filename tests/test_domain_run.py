@@ -141,11 +141,17 @@ def test_resume_continues_the_discriminator_exactly(shift_folders: tuple[str, st
     stored = "checkpoint_2026-01-01_00-00-00.000000"
     shutil.copytree(straight / "epoch2", tmp_path / "runs" / "da" / stored)
     for method in ("mmd", None):
-        with pytest.raises(SpecError, match=r"strategy\.domain_adaptation: da exists in storage .* trained with dann"):
+        with pytest.raises(
+            SpecError,
+            match=r"strategy\.domain_adaptation: da exists in storage .* holds a 16-wide DANN discriminator, .* needs none",
+        ):
             build_plan(parse_spec(_tree(shift_folders, tmp_path, method=method, epochs=2)))
     wider = tree(2)
     wider["strategy"]["domain_adaptation"]["discriminator_hidden"] = 32
-    with pytest.raises(SpecError, match=r"strategy\.domain_adaptation\.discriminator_hidden: da exists .* 16-wide"):
+    with pytest.raises(
+        SpecError,
+        match=r"strategy\.domain_adaptation: da exists .* holds a 16-wide DANN .* needs a 32-wide DANN discriminator",
+    ):
         build_plan(parse_spec(wider))
     build_plan(parse_spec(tree(2)))
 
@@ -162,7 +168,10 @@ def test_a_source_only_run_reports_source_accuracy_and_resumes_only_without_dann
     report = _train_in_process(plain, keep=kept)[-1]
     assert 0.0 <= report[split_metric(Split.SOURCE_VAL, VAL_ACC)] <= 1.0 and ALIGN_LOSS not in report
     shutil.copytree(kept / "epoch1", tmp_path / "runs" / "da" / "checkpoint_2026-01-01_00-00-00.000000")
-    with pytest.raises(SpecError, match=r"strategy\.domain_adaptation: da exists .* no domain adaptation; .* lacks"):
+    with pytest.raises(
+        SpecError,
+        match=r"strategy\.domain_adaptation: da exists .* no domain adaptation; .* holds none, .* needs a 1024-wide",
+    ):
         build_plan(parse_spec(_tree(shift_folders, tmp_path, method="dann", epochs=1)))
     build_plan(parse_spec(_tree(shift_folders, tmp_path, method="mmd", epochs=1)))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,28 +123,19 @@ def _check_resume(spec: JobSpec) -> None:
 
 def _check_dann_resume(spec: JobSpec, uri: str, meta: CheckpointMeta) -> None:
     """DANN's discriminator lives in the optimizer (its own param group) and in train_state.pt: a
-    checkpoint with one resumes only under dann with the same discriminator width, one without only
-    without dann (no adaptation, mmd and coral hold no extra state and may swap)."""
+    checkpoint resumes only under the same discriminator, or none (no adaptation, mmd and coral
+    hold no extra state and may swap)."""
+
+    def discriminator(da: dict[str, Any]) -> str:
+        return f"a {da.get('discriminator_hidden')}-wide DANN discriminator" if da.get("method") == "dann" else "none"
+
     old = (meta.spec.get("strategy") or {}).get("domain_adaptation") or {}
-    da = spec.strategy.domain_adaptation
-    was_dann, is_dann = old.get("method") == "dann", da is not None and da.method == "dann"
-    keep = f"keep strategy.domain_adaptation as it was ({old or 'none'}) to resume, or start a new run: --set name={spec.name}-v2"
-    if was_dann and not is_dann:
+    new = (spec.to_dict()["strategy"] or {}).get("domain_adaptation") or {}
+    if discriminator(old) != discriminator(new):
         raise SpecError(
-            f"strategy.domain_adaptation: {spec.name} exists in storage ({uri}) trained with dann; its optimizer "
-            f"state holds a DANN discriminator, which resuming under {da.method if da else 'no domain adaptation'} "
-            f"cannot use: {keep}"
-        )
-    if is_dann and not was_dann:
-        raise SpecError(
-            f"strategy.domain_adaptation: {spec.name} exists in storage ({uri}) trained with "
-            f"{old.get('method') or 'no domain adaptation'}; its optimizer state lacks the DANN discriminator dann "
-            f"needs: {keep}"
-        )
-    if is_dann and da is not None and old.get("discriminator_hidden") != da.discriminator_hidden:
-        raise SpecError(
-            f"strategy.domain_adaptation.discriminator_hidden: {spec.name} exists in storage ({uri}) with a "
-            f"{old.get('discriminator_hidden')}-wide DANN discriminator; {da.discriminator_hidden} cannot load it: {keep}"
+            f"strategy.domain_adaptation: {spec.name} exists in storage ({uri}) with {old or 'no domain adaptation'}; "
+            f"its optimizer state holds {discriminator(old)}, and this spec's needs {discriminator(new)}. Keep "
+            f"strategy.domain_adaptation as it was to resume, or start a new run: --set name={spec.name}-v2"
         )
 
 

@@ -119,20 +119,21 @@ class Progress:
         eta = 0.0 if metrics.get("stopped_early") else per_epoch * (total - epoch)
         key = self.spec.storage.metric
         best = metrics["best_metric"]
-        parts = [
+        # Domain adaptation: the alignment loss, and the source domain's score beside the target's
+        # (data.source_val_fraction), so the trade shows; both absent otherwise.
+        source_key = split_metric(Split.SOURCE_VAL, key)
+        optional = {k: f"{k} {metrics[k]:.4f}" for k in (ALIGN_LOSS, source_key) if k in metrics}
+        maybe = [
             f"epoch {epoch}/{total}",
             f"train/loss {metrics[TRAIN_LOSS]:.4f}",
+            optional.get(ALIGN_LOSS),
             f"val/loss {metrics[VAL_LOSS]:.4f}",
             f"{key} {metrics[key]:.4f} (best {'-' if best is None else f'{best:.4f}'})",
+            optional.get(source_key),
             f"{metrics[IMG_PER_S]:.0f} img/s",
             f"ETA {_fmt_duration(eta)}",
         ]
-        # Domain adaptation: the source domain's score beside the target's, so the trade shows.
-        source_key = split_metric(Split.SOURCE_VAL, key)
-        if source_key in metrics:
-            parts.insert(4, f"{source_key} {metrics[source_key]:.4f}")
-        if ALIGN_LOSS in metrics:
-            parts.insert(2, f"{ALIGN_LOSS} {metrics[ALIGN_LOSS]:.4f}")
+        parts = [p for p in maybe if p is not None]
         if metrics.get(EXPORTED) is not None:  # loop.ema_decay on: which twin this checkpoint exports
             parts.append(f"exports {metrics[EXPORTED]}")
         if metrics.get("diverged"):
